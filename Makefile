@@ -1,0 +1,44 @@
+# PFI: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint typecheck unit demo stack-up stack-down stack-status clean ops-check
+
+setup: $(STAMP)
+
+# Re-install when the dependency list changes; otherwise a no-op (idempotent).
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (PFI needs Python 3.11)"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet "pip>=24" setuptools wheel
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check services schemas clients tests bench scripts
+	$(BIN)/ruff format --check services schemas clients tests bench scripts
+
+typecheck: setup
+	$(BIN)/mypy
+
+stack-up: setup
+	$(BIN)/pfi stack up
+
+stack-down: setup
+	$(BIN)/pfi stack down
+
+stack-status: setup
+	$(BIN)/pfi stack status
+
+# The whole suite: lint, types, then unit + integration tests against the real local stack.
+test: setup lint typecheck stack-up
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+demo: setup stack-up
+	$(BIN)/pfi demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

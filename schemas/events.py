@@ -1,0 +1,262 @@
+"""Event contract: a CloudEvents 1.0 envelope around versioned PFI event payloads.
+
+Every event type is named ``ai.pfi.<name>.v<major>``. Producers build envelopes with
+:func:`make_envelope`; consumers parse with :func:`parse_envelope`, which refuses unknown types or
+versions, extra and missing fields with a :class:`~schemas.errors.SchemaError` naming the field.
+``source`` + ``id`` is the idempotency key of an event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.errors import RejectReason, SchemaError, UnknownEventTypeError
+
+SPECVERSION = "1.0"
+TYPE_PREFIX = "ai.pfi."
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+
+
+class StrictModel(BaseModel):
+    """Base of every PFI schema: no unknown fields, immutable, bytes as base64 in JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class LoraSpec(StrictModel):
+    """The LoRA adapter config. Determines the adapter's tensor names and shapes."""
+
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1)
+
+
+class AggregationSpec(StrictModel):
+    """How the aggregator merges updates of a federation (see ARCHITECTURE.md, "Aggregation")."""
+
+    buffer_size: int = Field(default=4, ge=1, description="K of FedBuff; 1 is FedAsync")
+    flush_timeout_s: float = Field(default=30.0, gt=0, description="flush a non-empty buffer after this")
+    server_lr: float = Field(default=1.0, gt=0)
+    server_optimizer: Literal["none", "momentum", "adam"] = "none"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    adam_eps: float = Field(default=1e-3, gt=0)
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_a: float = Field(default=0.5, ge=0.0)
+    staleness_b: float = Field(default=4.0, ge=0.0, description="hinge: no discount up to b")
+    max_staleness: int = Field(default=16, ge=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+    lora_mode: Literal["fedit", "ffa"] = "fedit"
+    robust: Literal["none", "trimmed_mean", "median"] = "none"
+    trim_ratio: float = Field(default=0.1, ge=0.0, lt=0.5)
+    max_update_norm: float | None = Field(default=100.0, gt=0, description="L2 bound of one delta")
+    norm_policy: Literal["clip", "reject"] = "clip"
+    dp_noise_multiplier: float = Field(default=0.0, ge=0.0, description="server-side Gaussian noise")
+    dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    keep_versions: int = Field(default=20, ge=2)
+
+
+class FederationSpec(StrictModel):
+    """A federation: one base model, one task, one adapter config, one global adapter lineage."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base_model: str = Field(min_length=1)
+    task: str = Field(default="causal-lm", min_length=1)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        """Digest of what fixes the adapter's tensors (base model, task, LoRA config, seed of v0)."""
+        shape_defining = {
+            "base_model": self.base_model,
+            "task": self.task,
+            "lora": self.lora.model_dump(mode="json"),
+            "seed": self.seed,
+        }
+        return hashlib.sha256(canonical_json(shape_defining)).hexdigest()
+
+
+class TensorEncoding(StrictModel):
+    """How the tensor payload of an update is encoded (see ``schemas.codec``)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    quantization: Literal["none", "int8"] = "none"
+    compression: Literal["none", "zstd"] = "zstd"
+
+
+class DPMetadata(StrictModel):
+    """Local differential privacy applied by the client before sending."""
+
+    mechanism: Literal["gaussian"] = "gaussian"
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+
+
+class TrainingMetrics(StrictModel):
+    loss_before: float | None = None
+    loss_after: float | None = None
+    steps: int = Field(default=0, ge=0)
+    train_seconds: float = Field(default=0.0, ge=0)
+
+
+class Event(StrictModel):
+    """Base of event payloads: subclasses set ``event_name`` and ``event_version``."""
+
+    event_name: ClassVar[str] = ""
+    event_version: ClassVar[int] = 1
+
+    @classmethod
+    def event_type(cls) -> str:
+        return f"{TYPE_PREFIX}{cls.event_name}.v{cls.event_version}"
+
+
+class AdapterUpdate(Event):
+    """A client's adapter delta, trained from global ``base_version``. ``payload`` travels raw (framed)."""
+
+    event_name: ClassVar[str] = "adapter-update"
+
+    federation: str = Field(pattern=NAME_PATTERN)
+    client_id: str = Field(pattern=ID_PATTERN)
+    update_id: str = Field(pattern=ID_PATTERN)
+    base_version: int = Field(ge=0)
+    num_samples: int = Field(ge=1)
+    spec_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    encoding: TensorEncoding
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    payload: bytes = Field(repr=False)
+    metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
+    dp: DPMetadata | None = None
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class AdapterUpdateChunk(Event):
+    """One ordered slice of a framed :class:`AdapterUpdate` too large for one Kafka message."""
+
+    event_name: ClassVar[str] = "adapter-update-chunk"
+
+    federation: str = Field(pattern=NAME_PATTERN)
+    client_id: str = Field(pattern=ID_PATTERN)
+    update_id: str = Field(pattern=ID_PATTERN)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    total_size: int = Field(ge=1)
+    total_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chunk_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    payload: bytes = Field(repr=False)
+
+
+class GlobalVersionPublished(Event):
+    """A new global adapter version was committed to Redis (or the latest pointer moved)."""
+
+    event_name: ClassVar[str] = "global-version-published"
+
+    federation: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=0)
+    parent: int | None = None
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    num_updates: int = Field(ge=0)
+    size_bytes: int = Field(ge=0)
+    created_at: datetime
+    rollback: bool = False
+
+
+class UpdateRejected(Event):
+    """Dead-letter record: an inbound message that was refused, and why."""
+
+    event_name: ClassVar[str] = "update-rejected"
+
+    reason: RejectReason
+    detail: str
+    federation: str | None = None
+    client_id: str | None = None
+    update_id: str | None = None
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+    original_type: str | None = None
+    rejected_at: datetime
+
+
+E = TypeVar("E", bound=Event)
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.event_type(): cls for cls in (AdapterUpdate, AdapterUpdateChunk, GlobalVersionPublished, UpdateRejected)
+}
+
+
+class Envelope(StrictModel, Generic[E]):
+    """CloudEvents 1.0 attributes around one event payload."""
+
+    specversion: Literal["1.0"] = SPECVERSION
+    id: str = Field(pattern=ID_PATTERN)
+    source: str = Field(min_length=1, max_length=256)
+    type: str
+    time: datetime
+    subject: str | None = None
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: E
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_envelope(data: E, *, source: str, subject: str | None = None, event_id: str | None = None) -> Envelope[E]:
+    """Wrap ``data`` in an envelope with a fresh id (or ``event_id``) and the current time."""
+    return Envelope[type(data)](  # type: ignore[misc]
+        id=event_id or uuid.uuid4().hex,
+        source=source,
+        type=type(data).event_type(),
+        time=utcnow(),
+        subject=subject,
+        data=data,
+    )
+
+
+def _field_of(err: ValidationError, prefix: str = "") -> tuple[str, str]:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return (f"{prefix}{loc}" if loc else prefix.rstrip(".")), first["msg"]
+
+
+def parse_envelope(raw: dict[str, Any], expected: type[E] | None = None) -> Envelope[Any]:
+    """Validate a decoded envelope; resolve its data model from ``type``.
+
+    Raises :class:`UnknownEventTypeError` for an unknown ``specversion``/``type``/version (or one
+    other than ``expected``), :class:`SchemaError` naming the field for anything else.
+    """
+    if not isinstance(raw, dict):
+        raise SchemaError("an event must be a JSON object", field=None)
+    if raw.get("specversion") != SPECVERSION:
+        raise UnknownEventTypeError(f"unsupported specversion {raw.get('specversion')!r}", field="specversion")
+    event_type = raw.get("type")
+    if not isinstance(event_type, str):
+        raise SchemaError("missing or non-string event type", field="type")
+    model = EVENT_TYPES.get(event_type)
+    if model is None:
+        raise UnknownEventTypeError(f"unknown event type or version {event_type!r}", field="type")
+    if expected is not None and model is not expected:
+        raise UnknownEventTypeError(
+            f"expected {expected.event_type()!r}, got {event_type!r}", field="type"
+        )
+    try:
+        return Envelope[model].model_validate(raw)  # type: ignore[valid-type]
+    except ValidationError as err:
+        field, msg = _field_of(err)
+        reason = RejectReason.SCHEMA_INVALID
+        raise SchemaError(msg, field=field, reason=reason) from None
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no whitespace) for digests and signatures."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()

@@ -1,0 +1,79 @@
+"""Settings: environment variables with the ``PFI_`` prefix (pydantic-settings).
+
+``PFISettings`` is shared by every component; each service adds its own model with a longer prefix
+(``PFI_AGGREGATOR_``, ``PFI_SERVE_``, ...). When ``PFI_KAFKA_BOOTSTRAP_SERVERS`` / ``PFI_REDIS_URL`` are
+set, everything uses those; otherwise the local stack's loopback addresses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class PFISettings(BaseSettings):
+    """Shared by every PFI process."""
+
+    model_config = SettingsConfigDict(env_prefix="PFI_", extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".pfi", description="state, caches and logs of the local stack")
+    kafka_bootstrap_servers: str | None = Field(default=None, description="external Kafka; unset: local stack")
+    redis_url: str | None = Field(default=None, description="external Redis; unset: local stack")
+
+    # Local stack (used only when the two above are unset).
+    kafka_version: str = "3.9.1"
+    kafka_port: int = Field(default=19092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=19093, ge=1, le=65535)
+    kafka_heap: str = Field(default="512m", description="-Xmx/-Xms of the local broker (2-core, 24 GiB box)")
+    redis_port: int = Field(default=16379, ge=1, le=65535)
+    stack_start_timeout_s: float = Field(default=180.0, gt=0)
+
+    # Topics (created explicitly; never auto-created).
+    topic_prefix: str = Field(default="pfi", pattern=r"^[A-Za-z0-9._-]+$")
+    update_partitions: int = Field(default=6, ge=1)
+    # Message size limits, kept consistent across topic, producer and consumer.
+    max_update_bytes: int = Field(default=64 * MIB, ge=1024, description="cap of one framed update")
+    max_decoded_bytes: int = Field(default=256 * MIB, ge=1024, description="cap after decompression")
+    chunk_bytes: int = Field(default=1 * MIB, ge=1024, description="payload bytes per chunk message")
+    kafka_max_message_bytes: int = Field(default=2 * MIB, ge=1024, description="topic max.message.bytes")
+    chunk_ttl_s: float = Field(default=600.0, gt=0, description="incomplete chunked uploads expire after")
+    max_inflight_chunk_bytes: int = Field(default=512 * MIB, ge=1024, description="reassembly memory bound")
+
+    keys_file: Path | None = Field(default=None, description="JSON {client_id: hex key} for HMAC signing")
+
+    def kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    def redis(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def uses_local_stack(self) -> bool:
+        return self.kafka_bootstrap_servers is None or self.redis_url is None
+
+    @property
+    def updates_topic(self) -> str:
+        return f"{self.topic_prefix}.adapter-updates"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.updates.dlq"
+
+    @property
+    def versions_topic(self) -> str:
+        return f"{self.topic_prefix}.global-versions"
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.home / "stack"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "stack" / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
