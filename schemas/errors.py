@@ -25,6 +25,7 @@ class RejectReason(StrEnum):
     DUPLICATE = "duplicate"  # update id already aggregated or buffered (replay)
     TOO_STALE = "too_stale"  # staleness over max_staleness
     FUTURE_BASE_VERSION = "future_base_version"  # base_version newer than the current global version
+    UNKNOWN_BASE_VERSION = "unknown_base_version"  # base_version not in the current lineage (rolled back)
     OVERSIZED = "oversized"  # over the configured update size cap
     CHUNK_CORRUPT = "chunk_corrupt"  # chunk or reassembled digest mismatch, inconsistent chunk headers
     CHUNK_DUPLICATE = "chunk_duplicate"  # the same chunk index twice with different content

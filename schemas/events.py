@@ -190,14 +190,15 @@ class UpdateRejected(Event):
 E = TypeVar("E", bound=Event)
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.event_type(): cls for cls in (AdapterUpdate, AdapterUpdateChunk, GlobalVersionPublished, UpdateRejected)
+    cls.event_type(): cls
+    for cls in (AdapterUpdate, AdapterUpdateChunk, GlobalVersionPublished, UpdateRejected)
 }
 
 
 class Envelope(StrictModel, Generic[E]):
     """CloudEvents 1.0 attributes around one event payload."""
 
-    specversion: Literal["1.0"] = SPECVERSION
+    specversion: Literal["1.0"] = "1.0"
     id: str = Field(pattern=ID_PATTERN)
     source: str = Field(min_length=1, max_length=256)
     type: str
@@ -211,9 +212,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_envelope(data: E, *, source: str, subject: str | None = None, event_id: str | None = None) -> Envelope[E]:
+def make_envelope(
+    data: E, *, source: str, subject: str | None = None, event_id: str | None = None
+) -> Envelope[E]:
     """Wrap ``data`` in an envelope with a fresh id (or ``event_id``) and the current time."""
-    return Envelope[type(data)](  # type: ignore[misc]
+    envelope: Envelope[E] = Envelope[type(data)](  # type: ignore[misc,operator]
         id=event_id or uuid.uuid4().hex,
         source=source,
         type=type(data).event_type(),
@@ -221,6 +224,7 @@ def make_envelope(data: E, *, source: str, subject: str | None = None, event_id:
         subject=subject,
         data=data,
     )
+    return envelope
 
 
 def _field_of(err: ValidationError, prefix: str = "") -> tuple[str, str]:
@@ -238,7 +242,9 @@ def parse_envelope(raw: dict[str, Any], expected: type[E] | None = None) -> Enve
     if not isinstance(raw, dict):
         raise SchemaError("an event must be a JSON object", field=None)
     if raw.get("specversion") != SPECVERSION:
-        raise UnknownEventTypeError(f"unsupported specversion {raw.get('specversion')!r}", field="specversion")
+        raise UnknownEventTypeError(
+            f"unsupported specversion {raw.get('specversion')!r}", field="specversion"
+        )
     event_type = raw.get("type")
     if not isinstance(event_type, str):
         raise SchemaError("missing or non-string event type", field="type")
@@ -246,9 +252,7 @@ def parse_envelope(raw: dict[str, Any], expected: type[E] | None = None) -> Enve
     if model is None:
         raise UnknownEventTypeError(f"unknown event type or version {event_type!r}", field="type")
     if expected is not None and model is not expected:
-        raise UnknownEventTypeError(
-            f"expected {expected.event_type()!r}, got {event_type!r}", field="type"
-        )
+        raise UnknownEventTypeError(f"expected {expected.event_type()!r}, got {event_type!r}", field="type")
     try:
         return Envelope[model].model_validate(raw)  # type: ignore[valid-type]
     except ValidationError as err:

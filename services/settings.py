@@ -21,7 +21,9 @@ class PFISettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PFI_", extra="ignore")
 
     home: Path = Field(default=Path.home() / ".pfi", description="state, caches and logs of the local stack")
-    kafka_bootstrap_servers: str | None = Field(default=None, description="external Kafka; unset: local stack")
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="external Kafka; unset: local stack"
+    )
     redis_url: str | None = Field(default=None, description="external Redis; unset: local stack")
 
     # Local stack (used only when the two above are unset).
@@ -31,6 +33,9 @@ class PFISettings(BaseSettings):
     kafka_heap: str = Field(default="512m", description="-Xmx/-Xms of the local broker (2-core, 24 GiB box)")
     redis_port: int = Field(default=16379, ge=1, le=65535)
     stack_start_timeout_s: float = Field(default=180.0, gt=0)
+    redis_aof: bool = Field(
+        default=False, description="local Redis: appendonly yes (durable across restarts)"
+    )
 
     # Topics (created explicitly; never auto-created).
     topic_prefix: str = Field(default="pfi", pattern=r"^[A-Za-z0-9._-]+$")
@@ -44,6 +49,9 @@ class PFISettings(BaseSettings):
     max_inflight_chunk_bytes: int = Field(default=512 * MIB, ge=1024, description="reassembly memory bound")
 
     keys_file: Path | None = Field(default=None, description="JSON {client_id: hex key} for HMAC signing")
+    signing_master_key: str | None = Field(
+        default=None, description="hex; client keys derived as HMAC(master, client_id) (fleets, simulations)"
+    )
 
     def kafka_bootstrap(self) -> str:
         return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
@@ -77,3 +85,25 @@ class PFISettings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+
+class AggregatorSettings(BaseSettings):
+    """``pfi aggregator`` (env prefix ``PFI_AGGREGATOR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PFI_AGGREGATOR_", extra="ignore")
+
+    group_id: str = "pfi-aggregator"
+    instance_id: str | None = Field(default=None, description="defaults to host-pid")
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535, description="/healthz, /readyz, /metrics; 0 = any free")
+    poll_timeout_ms: int = Field(default=200, ge=1)
+    max_poll_records: int = Field(default=32, ge=1)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    progress_interval_s: float = Field(
+        default=2.0, gt=0, description="offset/stat commits of idle federations"
+    )
+    shutdown_timeout_s: float = Field(default=20.0, gt=0)
+    worker_threads: int = Field(default=2, ge=1)
+    unknown_federation_ttl_s: float = Field(default=2.0, ge=0, description="cache of 'no such federation'")

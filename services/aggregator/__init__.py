@@ -1,0 +1,1 @@
+"""Aggregator service: merges client adapter deltas into versioned global adapters."""

@@ -1,0 +1,256 @@
+"""FedBuff (Nguyen et al. 2022): merge a buffer of K client deltas into the next global adapter.
+
+``global += η · Σ s(τ_i) n_i Δ_i / Σ n_i``, with, in order:
+
+1. projection of each delta by the LoRA mode (``ffa`` drops ``lora_A``: see :mod:`.lora_modes`);
+2. per-update L2 clipping to ``max_update_norm`` when set (the service itself rejects over-norm
+   updates when ``norm_policy == "reject"``; here they are just clipped);
+3. coefficients ``w_i = s(τ_i)·n_i / Σ n_j`` (``n = 1`` with ``weighting == "uniform"``).
+   The robust options (``trimmed_mean``/``median``) are coordinate-wise statistics of the clipped
+   deltas that **ignore the weights** (staleness and sample counts cannot be honoured by an order
+   statistic without letting a liar inflate its influence); ``weights`` then reports ``1/K`` each;
+4. optional server Gaussian noise, std = ``dp_noise_multiplier · sensitivity`` (see :mod:`.privacy`);
+5. the server optimizer (``none``/``momentum``/``adam``) with ``server_lr`` = η.
+
+ARCHITECTURE.md first wrote the denominator as ``Σ s(τ_i) n_i``. That normalizes the discount
+away: with K = 1 the weight is 1 whatever τ, so "K = 1 is FedAsync" would not hold (FedAsync mixes
+with ``η·s(τ)``), and a buffer of uniformly stale updates would move the global as far as a fresh
+one. Dividing by ``Σ n_i`` keeps the discount absolute: K = 1 gives FedAsync's ``η·s(τ)·Δ`` and equal
+sample counts give FedBuff's ``(η/K)·Σ s(τ_i)·Δ_i`` (Nguyen et al. 2022, Alg. 1).
+
+A key absent from a delta counts as a zero delta for that key; a key absent from every delta
+(e.g. ``lora_A`` under FFA) is left untouched in the global. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from schemas.events import AggregationSpec
+from services.aggregator.math.lora_modes import project_delta
+from services.aggregator.math.privacy import add_gaussian_noise, robust_sensitivity, sensitivity
+from services.aggregator.math.robust import (
+    StateDict,
+    clip_scale,
+    coordinate_median,
+    coordinate_trimmed_mean,
+    l2_norm,
+    trimmed_window,
+)
+from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
+from services.aggregator.math.staleness import from_spec
+
+
+@dataclass(frozen=True)
+class BufferedUpdate:
+    """One validated client delta waiting in the buffer."""
+
+    update_id: str
+    client_id: str
+    delta: StateDict
+    num_samples: int
+    staleness: int
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """What :func:`aggregate` produced; every dict keyed by update id covers the whole buffer."""
+
+    new_global: StateDict  # float32, every key of the global
+    applied_delta: StateDict  # the server step: new_global = global + applied_delta, for the keys that moved
+    weights: dict[str, float]  # update_id -> normalized weight
+    staleness_weights: dict[str, float]  # update_id -> s(τ)
+    norms: dict[str, float]  # update_id -> L2 norm of the projected delta before clipping
+    clipped: list[str]  # update ids whose delta was scaled down
+    opt_state: ServerOptState
+    noise_std: float
+    pseudo_gradient: StateDict = field(default_factory=dict)  # Δ fed to the optimizer (after noise)
+
+
+def _validate(global_state: StateDict, buffer: Sequence[BufferedUpdate]) -> None:
+    if not buffer:
+        raise ValueError("cannot aggregate an empty buffer")
+    seen: set[str] = set()
+    for u in buffer:
+        if u.update_id in seen:
+            raise ValueError(f"update {u.update_id!r} appears twice in the buffer")
+        seen.add(u.update_id)
+        for key, tensor in u.delta.items():
+            ref = global_state.get(key)
+            if ref is None:
+                raise ValueError(f"update {u.update_id!r}: key {key!r} is not in the global adapter")
+            if tensor.shape != ref.shape:
+                raise ValueError(
+                    f"update {u.update_id!r}: shape of {key!r} {tuple(tensor.shape)} != {tuple(ref.shape)}"
+                )
+
+
+def _weighted_mean(global_state: StateDict, deltas: Sequence[StateDict], coefs: Sequence[float]) -> StateDict:
+    out: StateDict = {}
+    for key, ref in global_state.items():
+        if not any(key in d for d in deltas):
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float32)
+        for d, c in zip(deltas, coefs, strict=True):
+            if key in d:
+                acc.add_(d[key].to(torch.float32), alpha=c)
+        out[key] = acc
+    return out
+
+
+def _robust(
+    global_state: StateDict, deltas: Sequence[StateDict], scales: Sequence[float], spec: AggregationSpec
+) -> StateDict:
+    keys = [k for k in global_state if any(k in d for d in deltas)]
+    full: list[StateDict] = []
+    for d, s in zip(deltas, scales, strict=True):
+        full.append(
+            {k: (d[k].to(torch.float32) * s if k in d else torch.zeros(global_state[k].shape)) for k in keys}
+        )
+    if spec.robust == "median":
+        return coordinate_median(full)
+    return coordinate_trimmed_mean(full, spec.trim_ratio)
+
+
+def aggregate(
+    global_state: StateDict,
+    buffer: Sequence[BufferedUpdate],
+    spec: AggregationSpec,
+    opt_state: ServerOptState | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> AggregationResult:
+    """Merge ``buffer`` into ``global_state`` (see the module docstring for the exact steps).
+
+    ``generator`` drives the server DP noise (a fresh, OS-seeded one if ``None``). Raises
+    ``ValueError`` for an empty buffer, duplicate update ids, a delta key the global lacks, a shape
+    mismatch, a non-finite delta, or DP noise requested without ``max_update_norm``.
+    """
+    _validate(global_state, buffer)
+    s = from_spec(spec)
+    deltas = [project_delta(u.delta, spec.lora_mode) for u in buffer]
+
+    norms: dict[str, float] = {}
+    clipped: list[str] = []
+    scales: list[float] = []
+    for u, d in zip(buffer, deltas, strict=True):
+        norm = l2_norm(d)
+        if not math.isfinite(norm):
+            raise ValueError(f"update {u.update_id!r} has non-finite values")
+        norms[u.update_id] = norm
+        scale = 1.0 if spec.max_update_norm is None else clip_scale(norm, spec.max_update_norm)
+        if scale < 1.0:
+            clipped.append(u.update_id)
+        scales.append(scale)
+
+    staleness_weights = {u.update_id: s(u.staleness) for u in buffer}
+    samples = [u.num_samples if spec.weighting == "samples" else 1 for u in buffer]
+    raw = [staleness_weights[u.update_id] * n for u, n in zip(buffer, samples, strict=True)]
+    # Normalized by the sample total, not by the discounted total: the staleness discount is absolute,
+    # so K = 1 is FedAsync (global += η·s(τ)·Δ) and uniform samples give FedBuff's (η/K)·Σ s(τ_i)·Δ_i.
+    total = float(sum(samples))
+    if not sum(raw) > 0:
+        raise ValueError("aggregation weights sum to zero")
+
+    if spec.robust == "none":
+        weights = {u.update_id: w / total for u, w in zip(buffer, raw, strict=True)}
+        coefs = [weights[u.update_id] * sc for u, sc in zip(buffer, scales, strict=True)]
+        pseudo_grad = _weighted_mean(global_state, deltas, coefs)
+    else:
+        weights = {u.update_id: 1.0 / len(buffer) for u in buffer}
+        pseudo_grad = _robust(global_state, deltas, scales, spec)
+
+    noise_std = 0.0
+    if spec.dp_noise_multiplier > 0:
+        if spec.max_update_norm is None:
+            raise ValueError("server DP noise needs max_update_norm (the clipping bound) to be set")
+        if spec.robust == "none":
+            sens = sensitivity(spec.max_update_norm, raw) * sum(raw) / total
+        else:
+            ratio = 0.5 if spec.robust == "median" else spec.trim_ratio
+            sens = robust_sensitivity(spec.max_update_norm, trimmed_window(len(buffer), ratio))
+        noise_std = spec.dp_noise_multiplier * sens
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()
+        pseudo_grad = add_gaussian_noise(pseudo_grad, noise_std, generator)
+
+    new_global, step, new_state = apply_server_update(global_state, pseudo_grad, spec, opt_state)
+    return AggregationResult(
+        new_global=new_global,
+        applied_delta=step,
+        weights=weights,
+        staleness_weights=staleness_weights,
+        norms=norms,
+        clipped=clipped,
+        opt_state=new_state,
+        noise_std=noise_std,
+        pseudo_gradient=pseudo_grad,
+    )
+
+
+class UpdateBuffer:
+    """The FedBuff buffer of one federation: flush at K updates or when the oldest waited too long.
+
+    Pure and clock-injected (``clock`` returns seconds, monotonic); not thread-safe. Disposable by
+    design: after a crash the service replays the updates from the offsets stored in Redis.
+    """
+
+    def __init__(
+        self, buffer_size: int, flush_timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if buffer_size < 1 or not flush_timeout_s > 0:
+            raise ValueError(
+                f"need buffer_size >= 1 and flush_timeout_s > 0, got {buffer_size}, {flush_timeout_s}"
+            )
+        self.buffer_size = buffer_size
+        self.flush_timeout_s = flush_timeout_s
+        self._clock = clock
+        self._entries: dict[str, tuple[float, BufferedUpdate]] = {}
+
+    def add(self, update: BufferedUpdate) -> bool:
+        """Buffer ``update``; True when it holds >= K updates ("flush now"). A duplicate id: ValueError."""
+        if update.update_id in self._entries:
+            raise ValueError(f"update {update.update_id!r} is already buffered")
+        self._entries[update.update_id] = (self._clock(), update)
+        return len(self._entries) >= self.buffer_size
+
+    def deadline(self) -> float | None:
+        """Clock time at which the buffer becomes due (None when empty)."""
+        if not self._entries:
+            return None
+        oldest, _ = next(iter(self._entries.values()))
+        return oldest + self.flush_timeout_s
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether the buffer is non-empty and its oldest update has waited ``flush_timeout_s`` or longer."""
+        deadline = self.deadline()
+        if deadline is None:
+            return False
+        return (self._clock() if now is None else now) >= deadline
+
+    def take(self) -> list[BufferedUpdate]:
+        """Every buffered update, oldest first; the buffer is left empty."""
+        updates = [u for _, u in self._entries.values()]
+        self._entries.clear()
+        return updates
+
+    def contains(self, update_id: str) -> bool:
+        return update_id in self._entries
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

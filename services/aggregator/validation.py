@@ -1,0 +1,123 @@
+"""Validation of one complete :class:`AdapterUpdate` against its federation (CPU work: run it in a
+worker thread). Every refusal is a :class:`~schemas.errors.RejectedInput` with a reason code.
+
+Checks, cheapest first: federation matches, signature (HMAC over the canonical header, which covers
+the payload digest), spec fingerprint, base version (future / rolled back / too stale), decode
+(bounded), tensor names, shapes, finiteness, L2 norm bound (reject mode; clip mode clips in the
+merge). Duplicates need Redis and the buffer, so the service checks them itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from schemas.codec import all_finite, decode_tensors, state_l2_norm
+from schemas.errors import RejectedInput, RejectReason
+from schemas.events import AdapterUpdate, Envelope, FederationSpec
+from schemas.signing import KeyStore, verify_update
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FederationView:
+    """An immutable snapshot of what validation needs to know about a federation."""
+
+    spec: FederationSpec
+    fingerprint: str
+    latest: int
+    head: int
+    lineage: Mapping[int, int]  # version -> distance from latest (0 = latest), up to max_staleness
+    shapes: Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ValidUpdate:
+    update: AdapterUpdate
+    delta: StateDict
+    staleness: int
+    norm: float
+    decode_seconds: float
+
+
+def staleness_of(update: AdapterUpdate, view: FederationView) -> int:
+    """τ = the distance from ``base_version`` to the latest version along the current lineage."""
+    base = update.base_version
+    depth = view.lineage.get(base)
+    if depth is not None:
+        return depth
+    if base > view.head:
+        raise RejectedInput(
+            f"base_version {base} is newer than the newest version {view.head}",
+            reason=RejectReason.FUTURE_BASE_VERSION,
+        )
+    oldest = min(view.lineage) if view.lineage else view.latest
+    if base < oldest:
+        raise RejectedInput(
+            f"base_version {base} is more than max_staleness={view.spec.aggregation.max_staleness} versions "
+            f"behind the latest version {view.latest}",
+            reason=RejectReason.TOO_STALE,
+        )
+    raise RejectedInput(
+        f"base_version {base} is not an ancestor of the latest version {view.latest} (rolled back)",
+        reason=RejectReason.UNKNOWN_BASE_VERSION,
+    )
+
+
+def check_tensors(delta: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(shapes) - set(delta))
+    extra = sorted(set(delta) - set(shapes))
+    if extra:
+        raise RejectedInput(
+            f"{len(extra)} tensor(s) not in the federation's adapter, e.g. {extra[0]!r}",
+            reason=RejectReason.SHAPE_MISMATCH,
+        )
+    if missing:
+        raise RejectedInput(
+            f"{len(missing)} adapter tensor(s) missing, e.g. {missing[0]!r}",
+            reason=RejectReason.SHAPE_MISMATCH,
+        )
+    for name, tensor in delta.items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise RejectedInput(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}",
+                reason=RejectReason.SHAPE_MISMATCH,
+            )
+
+
+def validate_update(
+    envelope: Envelope[Any], view: FederationView, keys: KeyStore, *, max_decoded_bytes: int
+) -> ValidUpdate:
+    """Run every stateless check; return the decoded fp32 delta or raise ``RejectedInput``."""
+    started = time.perf_counter()
+    update = envelope.data
+    if not isinstance(update, AdapterUpdate):
+        raise RejectedInput(
+            f"expected an adapter update, got {envelope.type!r}", reason=RejectReason.SCHEMA_INVALID
+        )
+    if update.federation != view.spec.name:
+        raise RejectedInput(f"update is for {update.federation!r}", reason=RejectReason.UNKNOWN_FEDERATION)
+    verify_update(envelope, keys)
+    if update.spec_fingerprint != view.fingerprint:
+        raise RejectedInput(
+            "spec_fingerprint differs from the federation's (another base model or LoRA config)",
+            reason=RejectReason.SPEC_MISMATCH,
+        )
+    staleness = staleness_of(update, view)
+    delta = decode_tensors(update.payload, update.encoding, max_decoded_bytes=max_decoded_bytes)
+    check_tensors(delta, view.shapes)
+    if not all_finite(delta):
+        raise RejectedInput("the delta contains NaN or Inf values", reason=RejectReason.NON_FINITE)
+    norm = state_l2_norm(delta)
+    agg = view.spec.aggregation
+    if agg.max_update_norm is not None and agg.norm_policy == "reject" and norm > agg.max_update_norm:
+        raise RejectedInput(
+            f"L2 norm {norm:.4g} exceeds the bound {agg.max_update_norm:.4g}",
+            reason=RejectReason.NORM_EXCEEDED,
+        )
+    return ValidUpdate(update, delta, staleness, norm, time.perf_counter() - started)

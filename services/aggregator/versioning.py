@@ -1,0 +1,165 @@
+"""Turning a full (or timed-out) buffer into a committed, announced global version."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import torch
+
+from schemas.codec import encode_tensors, sha256_hex
+from schemas.events import GlobalVersionPublished, utcnow
+from schemas.records import UpdateContribution, VersionMeta
+from services.aggregator.math.fedbuff import AggregationResult, aggregate
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.publisher import Publisher
+from services.aggregator.runtime import BufferedInfo, FederationRuntime
+from services.store.versions import VersionCommit, VersionStore
+from services.versions_codec import BLOB_ENCODING
+
+log = logging.getLogger("pfi.aggregator")
+RunCpu = Callable[..., Awaitable[Any]]
+
+
+class VersionWriter:
+    def __init__(
+        self,
+        store: VersionStore,
+        publisher: Publisher,
+        metrics: AggregatorMetrics,
+        run_cpu: RunCpu,
+        topic: str,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.run_cpu = run_cpu
+        self.topic = topic
+
+    async def flush(self, runtime: FederationRuntime, processed: Mapping[int, int]) -> int | None:
+        """Aggregate the buffer and commit it atomically with offsets; returns the new version.
+
+        Raises :class:`~services.store.versions.CommitConflict` when the federation moved under us;
+        the caller then drops its state and replays (the taken buffer is not lost: it is replayed)."""
+        taken = runtime.take_buffer()
+        if not taken:
+            return None
+        started = time.perf_counter()
+        spec = runtime.spec
+        agg = spec.aggregation
+        generator = torch.Generator().manual_seed(secrets.randbits(62))
+        result: AggregationResult = await self.run_cpu(
+            aggregate,
+            runtime.global_state,
+            [item for item, _ in taken],
+            agg,
+            runtime.opt_state,
+            generator=generator,
+        )
+        blob: bytes = await self.run_cpu(encode_tensors, result.new_global, BLOB_ENCODING)
+        opt_blob = b""
+        if result.opt_state.kind != "none":
+            opt_blob = await self.run_cpu(encode_tensors, result.opt_state.to_tensors(), BLOB_ENCODING)
+        accountant = runtime.accountant
+        epsilon: float | None = None
+        if agg.dp_noise_multiplier > 0:
+            accountant = copy.deepcopy(runtime.accountant)
+            accountant.step(agg.dp_noise_multiplier)
+            epsilon = accountant.epsilon(agg.dp_delta)
+        version = runtime.head + 1
+        meta = VersionMeta(
+            federation=runtime.name,
+            version=version,
+            parent=runtime.latest,
+            kind="aggregate",
+            created_at=utcnow(),
+            digest=sha256_hex(blob),
+            size_bytes=len(blob),
+            spec_fingerprint=runtime.fingerprint,
+            updates=_contributions(taken, result),
+            lora_mode=agg.lora_mode,
+            robust=agg.robust,
+            server_optimizer=agg.server_optimizer,
+            noise_std=result.noise_std,
+            dp_epsilon=epsilon,
+            dp_delta=agg.dp_delta if epsilon is not None else None,
+            aggregation_seconds=time.perf_counter() - started,
+        )
+        event = GlobalVersionPublished(
+            federation=runtime.name,
+            version=version,
+            parent=runtime.latest,
+            digest=meta.digest,
+            num_updates=len(taken),
+            size_bytes=len(blob),
+            created_at=meta.created_at,
+        )
+        envelope = self.publisher.version_envelope(event)
+        offsets = runtime.durable_offsets(processed, self.topic)
+        stats: Counter[str] = Counter(runtime.pending_stats)
+        stats["accepted_total"] += len(taken)
+        stats["aggregated_total"] += len(taken)
+        await self.store.commit_version(
+            VersionCommit(
+                federation=runtime.name,
+                expected_latest=runtime.latest,
+                expected_head=runtime.head,
+                version=version,
+                blob=blob,
+                meta=meta,
+                offsets=offsets,
+                update_ids=tuple(item.update_id for item, _ in taken),
+                stat_increments=dict(stats),
+                optimizer_blob=opt_blob,
+                accountant_json=_accountant_json(accountant, epsilon),
+                keep_versions=agg.keep_versions,
+                event_json=envelope.model_dump_json(),
+            )
+        )
+        runtime.apply(result, version)
+        runtime.accountant = accountant
+        runtime.mark_durable(offsets, self.topic)
+        await self.publisher.announce(envelope)
+        elapsed = time.perf_counter() - started
+        name = runtime.name
+        self.metrics.aggregation_seconds.labels(name).observe(elapsed)
+        self.metrics.versions_published.labels(name).inc()
+        self.metrics.updates_aggregated.labels(name).inc(len(taken))
+        self.metrics.updates_clipped.labels(name).inc(len(result.clipped))
+        self.metrics.global_version.labels(name).set(version)
+        self.metrics.last_version_ts.labels(name).set_to_current_time()
+        if epsilon is not None:
+            self.metrics.dp_epsilon.labels(name).set(epsilon)
+        log.info("%s v%d <- %d update(s) in %.3fs", name, version, len(taken), elapsed)
+        return version
+
+
+def _contributions(
+    taken: list[tuple[Any, BufferedInfo]], result: AggregationResult
+) -> tuple[UpdateContribution, ...]:
+    clipped = set(result.clipped)
+    return tuple(
+        UpdateContribution(
+            update_id=item.update_id,
+            client_id=item.client_id,
+            base_version=info.base_version,
+            staleness=item.staleness,
+            staleness_weight=result.staleness_weights[item.update_id],
+            weight=result.weights[item.update_id],
+            num_samples=item.num_samples,
+            norm=result.norms[item.update_id],
+            clipped=item.update_id in clipped,
+        )
+        for item, info in taken
+    )
+
+
+def _accountant_json(accountant: Any, epsilon: float | None) -> str:
+    import json
+
+    return json.dumps(accountant.to_dict()) if epsilon is not None else ""

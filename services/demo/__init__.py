@@ -1,0 +1,1 @@
+"""``pfi demo``: the main job (for now an end-to-end smoke of the federation pipeline)."""

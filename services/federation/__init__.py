@@ -1,0 +1,1 @@
+"""Federation administration: create, list, status, rollback, pin; client key registration."""

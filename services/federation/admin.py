@@ -1,0 +1,153 @@
+"""Federation administration over the Redis layout (used by the CLI and by tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+
+from schemas.codec import encode_tensors, sha256_hex
+from schemas.errors import ConfigError
+from schemas.events import FederationSpec, GlobalVersionPublished, make_envelope, utcnow
+from schemas.records import VersionMeta
+from schemas.signing import RedisKeyStore, generate_key
+from services.models.base import load_base_model
+from services.models.lora import init_adapter
+from services.store.versions import StoreError, UnknownFederation, VersionCommit, VersionStore
+from services.versions_codec import BLOB_ENCODING
+
+SOURCE = "pfi://admin"
+
+
+async def create_federation(store: VersionStore, spec: FederationSpec) -> VersionMeta:
+    """Store the spec and the seeded v0 adapter (PEFT initialization). Refuses an existing name."""
+    if not await store.put_spec(spec):
+        existing = await store.get_spec(spec.name)
+        latest = await store.latest(spec.name)
+        if existing != spec or latest is not None:
+            raise ConfigError(f"federation {spec.name!r} already exists")
+    base = await asyncio.to_thread(load_base_model, spec.base_model)
+    state = await asyncio.to_thread(init_adapter, spec, base.model)
+    blob = await asyncio.to_thread(encode_tensors, state, BLOB_ENCODING)
+    meta = VersionMeta(
+        federation=spec.name,
+        version=0,
+        parent=None,
+        kind="init",
+        created_at=utcnow(),
+        digest=sha256_hex(blob),
+        size_bytes=len(blob),
+        spec_fingerprint=spec.fingerprint(),
+        lora_mode=spec.aggregation.lora_mode,
+    )
+    event = GlobalVersionPublished(
+        federation=spec.name,
+        version=0,
+        parent=None,
+        digest=meta.digest,
+        num_updates=0,
+        size_bytes=len(blob),
+        created_at=meta.created_at,
+    )
+    envelope = make_envelope(event, source=SOURCE, subject=spec.name, event_id=f"{spec.name}-v0")
+    await store.commit_version(
+        VersionCommit(
+            federation=spec.name,
+            expected_latest=None,
+            expected_head=None,
+            version=0,
+            blob=blob,
+            meta=meta,
+            keep_versions=spec.aggregation.keep_versions,
+            event_json=envelope.model_dump_json(),
+        )
+    )
+    return meta
+
+
+async def federation_status(store: VersionStore, name: str) -> dict[str, Any]:
+    """Everything an operator (or an outside audit of exactly-once) needs about a federation."""
+    spec = await store.require_spec(name)
+    latest, head = await store.pointers(name)
+    stats = await store.get_stats(name)
+    live = await store.get_live(name)
+    retained = set(await store.retained_versions(name))
+    pinned = await store.pinned_versions(name)
+    versions: list[dict[str, Any]] = []
+    for version in range(0, (head or 0) + 1):
+        meta = await store.get_meta(name, version)
+        if meta is None:
+            continue
+        versions.append(
+            {
+                "version": meta.version,
+                "parent": meta.parent,
+                "kind": meta.kind,
+                "created_at": meta.created_at.isoformat(),
+                "num_updates": len(meta.updates),
+                "update_ids": meta.update_ids,
+                "retained": version in retained,
+                "digest": meta.digest,
+                "size_bytes": meta.size_bytes,
+                "dp_epsilon": meta.dp_epsilon,
+                "mean_staleness": (sum(u.staleness for u in meta.updates) / len(meta.updates))
+                if meta.updates
+                else None,
+            }
+        )
+    rejected = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("rejected:")}
+    buffered = int(live.get("buffered", 0))
+    last = next((v for v in reversed(versions) if v["version"] == latest), None)
+    return {
+        "name": name,
+        "spec": spec.model_dump(mode="json"),
+        "fingerprint": spec.fingerprint(),
+        "version": latest,
+        "head": head,
+        "last_version_at": last["created_at"] if last else None,
+        "updates_accepted_total": stats.get("accepted_total", 0) + buffered,
+        "updates_aggregated_total": stats.get("aggregated_total", 0),
+        "updates_buffered": buffered,
+        "updates_rejected_total": {"total": stats.get("rejected_total", 0), **rejected},
+        "retained_versions": sorted(retained),
+        "pinned_versions": pinned,
+        "versions": versions,
+    }
+
+
+async def rollback_federation(store: VersionStore, name: str, to: int) -> int | None:
+    """Move ``latest`` to retained version ``to``; returns the previous latest."""
+    await store.require_spec(name)
+    meta = await store.get_meta(name, to)
+    if meta is None:
+        raise StoreError(f"federation {name!r} has no version {to}")
+    event = GlobalVersionPublished(
+        federation=name,
+        version=to,
+        parent=meta.parent,
+        digest=meta.digest,
+        num_updates=len(meta.updates),
+        size_bytes=meta.size_bytes,
+        created_at=utcnow(),
+        rollback=True,
+    )
+    envelope = make_envelope(event, source=SOURCE, subject=name)
+    return await store.rollback(name, to, envelope.model_dump_json())
+
+
+async def register_client(redis: Redis, client_id: str, key: bytes | None = None) -> bytes:
+    """Create (or replace) a client's HMAC key in the Redis registry; returns it."""
+    key = key or generate_key()
+    await RedisKeyStore().put(redis, client_id, key)
+    return key
+
+
+async def require(store: VersionStore, name: str) -> FederationSpec:
+    try:
+        return await store.require_spec(name)
+    except UnknownFederation:
+        raise
+    except json.JSONDecodeError as err:  # pragma: no cover - corrupted store
+        raise StoreError(f"spec of {name!r} is corrupt: {err}") from None

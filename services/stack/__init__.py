@@ -1,0 +1,6 @@
+"""The local stack: a real Apache Kafka broker (KRaft) and a real Redis server on loopback.
+
+``pfi stack up | down | status`` (:mod:`services.stack.commands`) drive :mod:`services.stack.manager`;
+:mod:`services.stack.topics` creates the PFI topics and holds the message-size limits every Kafka
+client should use.
+"""
