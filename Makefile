@@ -4,6 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODE := $(wildcard services schemas clients tests bench scripts)
 
 .PHONY: setup test lint typecheck unit demo stack-up stack-down stack-status clean ops-check
 
@@ -18,8 +19,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check services schemas clients tests bench scripts
-	$(BIN)/ruff format --check services schemas clients tests bench scripts
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 typecheck: setup
 	$(BIN)/mypy
