@@ -249,6 +249,13 @@ class Reassembler(Generic[P]):
         keys = [k for k, u in self._uploads.items() if where is None or where(u.first_position)]
         return [self._drop(k, evicted=False) for k in keys]
 
+    def first_position_of(self, federation: str, client_id: str, update_id: str) -> P | None:
+        """First position of an incomplete upload (None when none is pending, or it had no position).
+
+        Ask before the ``add`` that completes it: a completed upload is forgotten."""
+        upload = self._uploads.get((federation, client_id, update_id))
+        return None if upload is None else upload.first_position
+
     def pending_positions(self) -> list[P]:
         """First positions of the incomplete uploads (those added with a position)."""
         return [u.first_position for u in self._uploads.values() if u.first_position is not None]

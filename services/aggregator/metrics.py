@@ -119,6 +119,12 @@ class AggregatorMetrics:
             ["federation"],
             registry=registry,
         )
+        self.flush_failures = Counter(
+            f"{ns}_flush_failures_total",
+            "Version commits that failed internally (state dropped and replayed)",
+            ["federation"],
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             f"{ns}_consumer_lag_messages",
             "High watermark minus position, per assigned partition",

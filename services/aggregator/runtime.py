@@ -41,7 +41,7 @@ class Zone(Enum):
 
 @dataclass(frozen=True)
 class BufferedInfo:
-    position: Position  # of the update's last message (the last chunk, if chunked)
+    position: Position  # of the update's first message (the first chunk, if chunked): replay starts there
     base_version: int
 
 

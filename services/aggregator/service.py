@@ -155,8 +155,12 @@ class Aggregator:
         """Drop every buffer and pending upload: they are disposable and will be replayed."""
         if self.runtimes:
             log.info("dropping in-memory state of %d federation(s): %s", len(self.runtimes), why)
-        self.runtimes.clear()
-        self.processed.clear()
+        # New objects, not clear(): this runs in aiokafka's coordinator task while the poll task may be
+        # inside a flush that computes the version's offsets from the old ``processed``; emptying that
+        # mapping under it would commit the version without offsets (its updates then meet ``seen``
+        # in the LIVE zone on replay and are dead-lettered as duplicates).
+        self.runtimes = {}
+        self.processed = {}
         self.generation += 1
         for name in list(self.metrics.buffer_updates._metrics):
             self.metrics.buffer_updates.labels(*name).set(0)
@@ -209,11 +213,13 @@ class Aggregator:
                 decode_frame, record.value or b"", max_frame_bytes=self.settings.max_update_bytes
             )
             data = envelope.data
+            first = (partition, record.offset)  # of the update's first message (chunk)
             if isinstance(data, AdapterUpdateChunk):
                 kind = "chunk"
-                envelope = await self.on_chunk(runtime, federation, data, (partition, record.offset))
-                if envelope is None:
+                assembled = await self.on_chunk(runtime, federation, data, (partition, record.offset), zone)
+                if assembled is None:
                     return
+                envelope, first = assembled
             elif isinstance(data, AdapterUpdate):
                 kind = "whole"
             else:
@@ -222,7 +228,7 @@ class Aggregator:
                     reason=RejectReason.UNKNOWN_EVENT_TYPE,
                 )
             self.metrics.update_bytes.observe(len(envelope.data.payload))
-            await self.on_update(runtime, federation, envelope, (partition, record.offset), zone)
+            await self.on_update(runtime, federation, envelope, (partition, record.offset), zone, first)
         except RejectedInput as err:
             if zone is not Zone.REPLAY:
                 await self.reject(runtime, err, envelope, partition, record)
@@ -235,7 +241,9 @@ class Aggregator:
         federation: str | None,
         chunk: AdapterUpdateChunk,
         pos: Position,
-    ) -> Envelope[Any] | None:
+        zone: Zone,
+    ) -> tuple[Envelope[Any], Position] | None:
+        """Feed a chunk to the reassembler; the whole update and its first chunk's position once complete."""
         if runtime is None:
             raise RejectedInput(
                 f"unknown federation {chunk.federation!r}", reason=RejectReason.UNKNOWN_FEDERATION
@@ -244,6 +252,12 @@ class Aggregator:
             raise RejectedInput(
                 "message key does not match the chunk's federation", reason=RejectReason.SCHEMA_INVALID
             )
+        if zone is Zone.REPLAY and await self.store.is_seen(runtime.name, chunk.update_id):
+            # A chunk of an update already in a version: its first chunks may lie below ``safe`` (not
+            # replayed), so feeding it would leave an upload that never completes (and expires to the DLQ).
+            self.metrics.replayed_skipped.inc()
+            return None
+        started = runtime.reassembler.first_position_of(chunk.federation, chunk.client_id, chunk.update_id)
         frame = runtime.reassembler.add(chunk, pos)
         for dropped in runtime.reassembler.drain_evicted():
             await self.reject_expired(runtime, dropped)
@@ -253,7 +267,7 @@ class Aggregator:
         envelope: Envelope[Any] = await self.run_cpu(
             decode_frame, frame, max_frame_bytes=self.settings.max_update_bytes, expected=AdapterUpdate
         )
-        return envelope
+        return envelope, pos if started is None else min(started, pos)
 
     async def on_update(
         self,
@@ -262,7 +276,11 @@ class Aggregator:
         envelope: Envelope[Any],
         pos: Position,
         zone: Zone,
+        first: Position | None = None,
     ) -> None:
+        """``pos``: the update's last message (the one being handled); ``first``: its first message. The
+        buffer remembers ``first`` so that no offset stored (``safe``) or watermark passes an earlier chunk
+        of a buffered update: a replay must re-read all of its chunks."""
         update: AdapterUpdate = envelope.data
         if runtime is None:
             raise RejectedInput(
@@ -295,19 +313,43 @@ class Aggregator:
         self.metrics.decode_seconds.observe(valid.decode_seconds)
         self.metrics.staleness.labels(runtime.name).observe(valid.staleness)
         self.metrics.updates_accepted.labels(runtime.name).inc()
-        full = runtime.add(valid, pos)
+        full = runtime.add(valid, pos if first is None else first)
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
         if full:
-            await self.flush(runtime)
+            await self.flush(runtime, handled=pos)
 
-    async def flush(self, runtime: FederationRuntime) -> None:
+    async def flush(self, runtime: FederationRuntime, handled: Position | None = None) -> None:
+        """Commit the buffer as a new version. ``handled`` is the message that filled the buffer: this
+        commit fully handles it, so the offsets stored with the version must lie past it (else a replay
+        after a crash meets its update in ``seen`` and dead-letters it as a duplicate)."""
+        processed = self.processed
+        if handled is not None:
+            partition, offset = handled
+            processed = {**processed, partition: max(processed.get(partition, 0), offset + 1)}
         try:
-            await self.writer.flush(runtime, self.processed)
+            version = await self.writer.flush(runtime, processed)
         except CommitConflict as err:
             self.metrics.commit_conflicts.labels(runtime.name).inc()
             log.warning("federation %s moved under us (%s): reloading and replaying", runtime.name, err)
             await self.resync(f"commit conflict on {runtime.name}")
+        except Exception:
+            # An internal failure (encoding, Redis): never blame the message that filled the buffer.
+            # The taken buffer is replayed after the resync, so nothing is lost.
+            self.metrics.flush_failures.labels(runtime.name).inc()
+            log.exception("flush of %s failed; dropping state and replaying", runtime.name)
+            await asyncio.sleep(1.0)  # do not spin if the failure persists
+            await self.resync(f"flush failure on {runtime.name}")
+        else:
+            if version is not None:
+                await self.set_live(runtime)
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
+
+    async def set_live(self, runtime: FederationRuntime) -> None:
+        """Refresh the informational ``live`` hash (buffered updates) after a durable commit."""
+        await self.store.set_live(
+            runtime.name,
+            {"buffered": len(runtime.buffer), "instance": self.instance, "updated_at": time.time()},
+        )
 
     async def flush_due(self) -> None:
         for runtime in list(self.runtimes.values()):
@@ -373,10 +415,11 @@ class Aggregator:
 
     async def commit_progress(self) -> None:
         """Make rejections and positions of every federation durable, then raise the watermarks."""
+        processed = self.processed  # one generation's positions throughout (see forget_state)
         for runtime in list(self.runtimes.values()):
-            offsets = runtime.durable_offsets(self.processed, self.topic)
+            offsets = runtime.durable_offsets(processed, self.topic)
             stale = any(
-                runtime.marks.get(p) is None or runtime.marks[p].hwm < self.processed.get(p, 0)
+                runtime.marks.get(p) is None or runtime.marks[p].hwm < processed.get(p, 0)
                 for p in runtime.partitions()
             )
             if not (runtime.is_dirty() or stale) or not offsets:
@@ -388,10 +431,7 @@ class Aggregator:
                 await self.resync(f"progress conflict on {runtime.name}: {err}")
                 return
             runtime.mark_durable(offsets, self.topic)
-            await self.store.set_live(
-                runtime.name,
-                {"buffered": len(runtime.buffer), "instance": self.instance, "updated_at": time.time()},
-            )
+            await self.set_live(runtime)
         await self.raise_watermarks()
 
     async def raise_watermarks(self) -> None:

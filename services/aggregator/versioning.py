@@ -64,7 +64,10 @@ class VersionWriter:
         blob: bytes = await self.run_cpu(encode_tensors, result.new_global, BLOB_ENCODING)
         opt_blob = b""
         if result.opt_state.kind != "none":
-            opt_blob = await self.run_cpu(encode_tensors, result.opt_state.to_tensors(), BLOB_ENCODING)
+            # BLOB_ENCODING stores float32 only: the int64 step and uint8 kind tensors are cast
+            # (exactly: small integers) and ServerOptState.from_tensors reads them back from float32.
+            opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
+            opt_blob = await self.run_cpu(encode_tensors, opt_tensors, BLOB_ENCODING)
         accountant = runtime.accountant
         epsilon: float | None = None
         if agg.dp_noise_multiplier > 0:

@@ -90,9 +90,12 @@ async def new_client(redis: Redis, spec: FederationSpec, client_id: str | None =
 
 @contextlib.asynccontextmanager
 async def running_aggregator(settings: PFISettings, **overrides: Any) -> AsyncIterator[Aggregator]:
-    agg_settings = AggregatorSettings(
-        group_id=f"g-{settings.topic_prefix}", port=0, progress_interval_s=0.5, **overrides
-    )
+    defaults: dict[str, Any] = {
+        "group_id": f"g-{settings.topic_prefix}",
+        "port": 0,
+        "progress_interval_s": 0.5,
+    }
+    agg_settings = AggregatorSettings(**{**defaults, **overrides})
     aggregator = Aggregator(settings, agg_settings, CollectorRegistry())
     task = asyncio.create_task(aggregator.run())
     try:
