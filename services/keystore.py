@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -41,6 +42,15 @@ class ClientKeys:
         await self._redis.refresh(redis_client)
 
     async def ensure(self, redis_client: Any, client_id: str) -> None:
-        """Refresh (rate-limited) when ``client_id`` is unknown: it may have registered just now."""
+        """Refresh (rate-limited) when ``client_id`` is unknown: it may have registered just now.
+
+        Inside the rate limit, one ``HEXISTS`` decides: when the registry holds the client (it registered
+        after the last load), reload now, so its first update is not refused; ids that are not registered
+        never make a message reload the whole registry."""
+        if self.get(client_id) is not None:
+            return
+        await self.refresh(redis_client, force=False)
         if self.get(client_id) is None:
-            await self.refresh(redis_client, force=False)
+            exists = redis_client.hexists(self._redis.hash_key, client_id)
+            if await exists if inspect.isawaitable(exists) else exists:
+                await self.refresh(redis_client, force=True)

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 28, 2))  # 1 KiB .. 128 MiB
+LOSS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 10, 15, 20)
 
 
 class AggregatorMetrics:
@@ -58,6 +59,13 @@ class AggregatorMetrics:
             "Staleness (versions behind) of accepted updates",
             ["federation"],
             buckets=STALENESS_BUCKETS,
+            registry=registry,
+        )
+        self.client_train_loss = Histogram(
+            f"{ns}_client_train_loss",
+            "Training loss after local steps, as reported by clients (accepted updates that carry one)",
+            ["federation"],
+            buckets=LOSS_BUCKETS,
             registry=registry,
         )
         self.update_bytes = Histogram(

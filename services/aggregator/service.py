@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -291,9 +292,15 @@ class Aggregator:
                 "message key does not match the update's federation", reason=RejectReason.SCHEMA_INVALID
             )
         self.metrics.updates_received.labels(runtime.name).inc()
-        if runtime.is_buffered(update.update_id) or await self.store.is_seen(runtime.name, update.update_id):
+        buffered = runtime.is_buffered(update.update_id)
+        if buffered or await self.store.is_seen(runtime.name, update.update_id):
             if zone is Zone.REPLAY:
                 self.metrics.replayed_skipped.inc()
+                return
+            if not buffered and await self.store.pointers(runtime.name) != (runtime.latest, runtime.head):
+                # Another owner committed this update after we loaded the federation (rebalance overlap):
+                # our marks are stale, so "LIVE" is wrong. Reload and replay instead of dead-lettering.
+                await self.resync(f"{runtime.name} moved under us (update {update.update_id} committed)")
                 return
             raise RejectedInput(
                 f"update {update.update_id!r} was already received", reason=RejectReason.DUPLICATE
@@ -312,6 +319,9 @@ class Aggregator:
             self.metrics.in_flight.dec()
         self.metrics.decode_seconds.observe(valid.decode_seconds)
         self.metrics.staleness.labels(runtime.name).observe(valid.staleness)
+        loss = update.metrics.loss_after
+        if loss is not None and math.isfinite(loss):
+            self.metrics.client_train_loss.labels(runtime.name).observe(loss)
         self.metrics.updates_accepted.labels(runtime.name).inc()
         full = runtime.add(valid, pos if first is None else first)
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))

@@ -115,7 +115,7 @@ def load_base_model(model_id: str) -> BaseModel:
             directory = path
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, torch_dtype=torch.float32, **kwargs
+            directory, local_files_only=True, dtype=torch.float32, **kwargs
         )
     model.eval()
     for param in model.parameters():
