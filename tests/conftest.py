@@ -62,7 +62,19 @@ def kafka_bootstrap(stack: manager.StackStatus) -> str:
 def redis_url(stack: manager.StackStatus) -> str:
     if stack.redis.external:
         return stack.redis.address
-    return f"redis://127.0.0.1:{PFISettings().redis_port}/{TEST_REDIS_DB}"
+    url = f"redis://127.0.0.1:{PFISettings().redis_port}/{TEST_REDIS_DB}"
+    # Emptied once per session, not after each test: tests use unique federation names, client ids and
+    # topics, and a per-test FLUSHDB would wipe the keys of another test session running beside this one.
+    run_in_thread(_flush(url))
+    return url
+
+
+async def _flush(url: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -89,7 +101,5 @@ async def redis_client(redis_url: str, stack: manager.StackStatus) -> AsyncItera
     client = Redis.from_url(redis_url)
     try:
         yield client
-        if not stack.redis.external:
-            await client.flushdb()
     finally:
         await client.aclose()
