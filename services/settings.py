@@ -167,14 +167,14 @@ class ServeSettings(BaseSettings):
     max_batch: int = Field(default=16, ge=1, description="rows (and distinct personal adapters) per batch")
     max_batch_tokens: int = Field(default=16_384, ge=1, description="padded tokens per batch")
     adapter_slots: int = Field(
-        default=8, ge=1, description="PEFT adapter slots per merged copy: distinct personal adapters per batch"
+        default=8, ge=1, description="PEFT adapter slots per merged copy (personal adapters per batch)"
     )
     batch_wait_ms: float = Field(
-        default=2.0, ge=0, description="max linger for requests already on their way to the model (never idle)"
+        default=2.0, ge=0, description="max linger for requests already on their way (never when idle)"
     )
     max_merged_copies: int = Field(default=2, ge=2, description="merged base+global copies per federation")
     pin_wait_s: float = Field(default=10.0, gt=0, description="wait for a merged-copy slot (pinned versions)")
-    kafka_check_interval_s: float = Field(default=5.0, gt=0, description="readiness: cache of the Kafka probe")
+    kafka_check_interval_s: float = Field(default=5.0, gt=0, description="readiness: Kafka probe cache")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads while serving (unset: half the CPUs, >= 1)"
     )

@@ -1,0 +1,178 @@
+"""Scoring and generation on a :class:`~.stacks.ModelStack`, for a batch of rows that may belong to
+different users (model thread only).
+
+Rows carry their own personal adapter (or none); :meth:`ModelStack.bind` turns them into PEFT adapter
+names and one forward serves them all. A batch whose rows have no personal adapter runs without
+``adapter_names`` (no LoRA work at all: the global adapter is merged).
+
+Generation uses ``generate`` of the PEFT model (it accepts ``adapter_names`` for mixed batches) with
+left padding, greedy decoding driven by :class:`RowSampler`, which picks every row's next token itself
+(per-row temperature, top-p and seeded generator, so a request's output does not depend on the batch it
+landed in, up to float rounding) and :class:`RowBudget`, which stops each row at its own
+``max_new_tokens``; EOS stops a row as usual.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from services.personalization.stacks import BASE_NAME, ModelStack
+from services.personalization.user_adapters import PersonalAdapter
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    ids: list[int]
+    adapter: PersonalAdapter | None
+
+
+@dataclass(frozen=True)
+class ScoreOut:
+    nll_sum: float
+    correct: int
+    tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+
+@dataclass(frozen=True)
+class GenRow:
+    ids: list[int]
+    adapter: PersonalAdapter | None
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenOut:
+    tokens: list[int]
+    finish_reason: str  # "eos" | "length"
+
+
+def _names(stack: ModelStack, adapters: Sequence[PersonalAdapter | None]) -> dict[str, Any]:
+    if stack.kind != "merged" or all(a is None for a in adapters):
+        return {}
+    names = stack.bind(adapters)
+    return {"adapter_names": names} if any(n != BASE_NAME for n in names) else {}
+
+
+def score_rows(stack: ModelStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
+    """Per row: summed next-token NLL, correct argmax predictions and predicted positions."""
+    length = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), length), stack.tokens.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+        mask[i, : len(row.ids)] = 1
+    kwargs = _names(stack, [r.adapter for r in rows])
+    with torch.inference_mode():
+        logits = stack.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, :-1].float()
+        target = ids[:, 1:]
+        valid = mask[:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        nll = torch.where(valid, nll, torch.zeros_like(nll)).sum(dim=1)
+        correct = ((logits.argmax(-1) == target) & valid).sum(dim=1)
+        count = valid.sum(dim=1)
+    return [
+        ScoreOut(nll_sum=float(nll[i]), correct=int(correct[i]), tokens=int(count[i]))
+        for i in range(len(rows))
+    ]
+
+
+class RowSampler:
+    """A logits processor that chooses each row's next token (argmax at temperature 0, else top-p
+    sampling from the row's own generator) and leaves only that token finite: with greedy decoding
+    ``generate`` then takes exactly this choice."""
+
+    def __init__(self, rows: Sequence[GenRow]) -> None:
+        self.rows = rows
+        self.generators = [
+            None
+            if row.temperature <= 0
+            else torch.Generator().manual_seed(row.seed if row.seed is not None else secrets.randbits(63))
+            for row in rows
+        ]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = torch.empty(scores.shape[0], dtype=torch.long)
+        for i, row in enumerate(self.rows):
+            logits = scores[i].float()
+            generator = self.generators[i]
+            if generator is None:
+                chosen[i] = int(logits.argmax())
+                continue
+            probs = torch.softmax(logits / row.temperature, dim=-1)
+            if row.top_p < 1.0:
+                ordered, order = probs.sort(descending=True)
+                keep = ordered.cumsum(0) - ordered < row.top_p  # the smallest prefix reaching top_p
+                ordered = torch.where(keep, ordered, torch.zeros_like(ordered))
+                probs = torch.zeros_like(probs).scatter(0, order, ordered)
+            chosen[i] = int(torch.multinomial(probs, 1, generator=generator))
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.unsqueeze(1).to(scores.device), 0.0)
+        return out
+
+
+class RowBudget:
+    """Stopping criterion: row ``i`` is done after ``budgets[i]`` new tokens."""
+
+    def __init__(self, prompt_length: int, budgets: Sequence[int]) -> None:
+        self.prompt_length = prompt_length
+        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_length
+        return (self.budgets <= generated).to(input_ids.device)
+
+
+def generate_rows(stack: ModelStack, rows: Sequence[GenRow]) -> list[GenOut]:
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    tokens = stack.tokens
+    length = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), length), tokens.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding: every prompt ends at the same position
+        ids[i, length - len(row.ids) :] = torch.tensor(row.ids, dtype=torch.long)
+        mask[i, length - len(row.ids) :] = 1
+    budget = max(r.max_new_tokens for r in rows)
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=budget,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokens.pad_id,
+        eos_token_id=tokens.eos_id,
+        bos_token_id=tokens.bos_id,
+    )
+    kwargs = _names(stack, [r.adapter for r in rows])
+    with torch.inference_mode():
+        out = stack.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([RowSampler(rows)]),
+            stopping_criteria=StoppingCriteriaList([RowBudget(length, [r.max_new_tokens for r in rows])]),
+            **kwargs,
+        )
+    results: list[GenOut] = []
+    for i, row in enumerate(rows):
+        new = [int(t) for t in out[i, length : length + row.max_new_tokens].tolist()]
+        if tokens.eos_id is not None and tokens.eos_id in new:
+            results.append(GenOut(new[: new.index(tokens.eos_id)], "eos"))
+        else:
+            results.append(GenOut(new, "length"))
+    return results
