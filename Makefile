@@ -37,8 +37,12 @@ stack-down: setup
 stack-status: setup
 	$(BIN)/pfi stack status
 
-# The whole suite: lint, types, then unit + integration tests against the real local stack.
-test: setup lint typecheck stack-up
+# Offline validation of k8s/, alert rules, dashboards, Dockerfile (tools cached in ~/.pfi/cache/ops).
+ops-check: setup
+	scripts/ops/check.sh
+
+# The whole suite: lint, types, ops checks, then unit + integration tests against the real local stack.
+test: setup lint typecheck ops-check stack-up
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 demo: setup stack-up

@@ -325,6 +325,7 @@ class Aggregator:
         self.metrics.updates_accepted.labels(runtime.name).inc()
         full = runtime.add(valid, pos if first is None else first)
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
+        self.metrics.buffer_capacity.labels(runtime.name).set(runtime.spec.aggregation.buffer_size)
         if full:
             await self.flush(runtime, handled=pos)
 
