@@ -76,7 +76,9 @@ class Outbox:
 
     def put(self, update_id: str, federation: str, messages: list[bytes]) -> OutboxItem:
         """Persist an update's messages durably (write, fsync, rename); raises :class:`OutboxFull`."""
-        header = json.dumps({"update_id": update_id, "federation": federation, "count": len(messages)}).encode()
+        header = json.dumps(
+            {"update_id": update_id, "federation": federation, "count": len(messages)}
+        ).encode()
         body = b"".join(_LEN.pack(len(m)) + m for m in messages)
         size = len(MAGIC) + _LEN.size + len(header) + len(body)
         if len(self) >= self.max_items or self.size_bytes() + size > self.max_bytes:
@@ -130,7 +132,7 @@ class Outbox:
                 await asyncio.wait_for(sender.send_raw(item.federation, messages), timeout_s)
             except (TimeoutError, OSError, PFIError) as err:
                 return DrainResult(sent, len(items) - index, f"{type(err).__name__}: {err}")
-            except Exception as err:  # noqa: BLE001 - any Kafka client error: keep the item, retry later
+            except Exception as err:  # any Kafka client error: keep the item, retry later
                 return DrainResult(sent, len(items) - index, f"{type(err).__name__}: {err}")
             self.remove(item)
             sent += 1

@@ -30,8 +30,22 @@ def _pfi(settings: PFISettings, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_federation_lifecycle_through_the_cli(pfi_settings: PFISettings, tmp_path: Path) -> None:
     name = f"cli-{uuid.uuid4().hex[:6]}"
-    created = _pfi(pfi_settings, "federation", "create", name, "--base-model", "pfi/tiny-llama", "--rank", "4",
-                   "--alpha", "8", "--target-modules", "q_proj,k_proj,v_proj", "--buffer-size", "2")  # fmt: skip
+    created = _pfi(
+        pfi_settings,
+        "federation",
+        "create",
+        name,
+        "--base-model",
+        "pfi/tiny-llama",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--target-modules",
+        "q_proj,k_proj,v_proj",
+        "--buffer-size",
+        "2",
+    )
     assert created.returncode == 0, created.stderr
     assert f"created federation '{name}'" in created.stdout
 
@@ -46,8 +60,13 @@ def test_federation_lifecycle_through_the_cli(pfi_settings: PFISettings, tmp_pat
     assert status["version"] == 0
     assert status["spec"]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj"]
     assert status["spec"]["aggregation"]["buffer_size"] == 2
-    for field in ("updates_accepted_total", "updates_aggregated_total", "updates_rejected_total",
-                  "last_version_at", "versions"):  # fmt: skip
+    for field in (
+        "updates_accepted_total",
+        "updates_aggregated_total",
+        "updates_rejected_total",
+        "last_version_at",
+        "versions",
+    ):
         assert field in status
     assert status["versions"][0]["num_updates"] == 0
     assert status["versions"][0]["update_ids"] == []
@@ -64,8 +83,16 @@ def test_federation_lifecycle_through_the_cli(pfi_settings: PFISettings, tmp_pat
 def test_create_from_spec_file_and_bad_spec(pfi_settings: PFISettings, tmp_path: Path) -> None:
     spec_file = tmp_path / "spec.json"
     name = f"spec-{uuid.uuid4().hex[:6]}"
-    spec_file.write_text(json.dumps({"name": name, "base_model": "pfi/tiny-llama", "lora": {"rank": 2},
-                                     "aggregation": {"lora_mode": "ffa"}}))  # fmt: skip
+    spec_file.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "base_model": "pfi/tiny-llama",
+                "lora": {"rank": 2},
+                "aggregation": {"lora_mode": "ffa"},
+            }
+        )
+    )
     ok = _pfi(pfi_settings, "federation", "create", "--spec", str(spec_file))
     assert ok.returncode == 0, ok.stderr
     status = json.loads(_pfi(pfi_settings, "federation", "status", name, "--json").stdout)
