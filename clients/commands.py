@@ -135,9 +135,10 @@ async def _run(args: argparse.Namespace) -> int:
 
     from clients.agent import EdgeAgent, KafkaSender, SpecMismatchError, ensure_client_key
     from clients.data import UserData, load_users
+    from clients.http_source import HttpGlobalSource
     from clients.outbox import Outbox
     from clients.progress import Progress
-    from clients.source import RedisGlobalSource
+    from clients.source import GlobalSource, RedisGlobalSource
     from clients.training import AdapterTrainer
     from services.models.base import load_base_model
 
@@ -162,8 +163,15 @@ async def _run(args: argparse.Namespace) -> int:
     progress = Progress(
         desc=f"edge {args.user}", total=args.rounds, unit="rounds", enabled=not args.no_progress
     )
+    source: GlobalSource | None = None
     try:
-        source = RedisGlobalSource(redis)
+        if edge.service_url:
+            # The device path: spec and global adapter over HTTP from the personalization service.
+            if not edge.token:
+                raise ConfigError("PFI_EDGE_SERVICE_URL is set but PFI_EDGE_TOKEN is not (pfi token issue)")
+            source = HttpGlobalSource(edge.service_url, edge.token)
+        else:
+            source = RedisGlobalSource(redis)
         try:
             spec = await source.spec(args.federation)
         except RedisError as err:
@@ -215,6 +223,8 @@ async def _run(args: argparse.Namespace) -> int:
         progress.close()
         await sender.close()
         await redis.aclose()
+        if isinstance(source, HttpGlobalSource):
+            await source.aclose()
     summary = {
         "federation": args.federation,
         "user": args.user,

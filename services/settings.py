@@ -138,6 +138,10 @@ class EdgeSettings(BaseSettings):
     seq_len: int = Field(default=128, ge=2)
     lr: float = Field(default=5e-3, gt=0)
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    service_url: str | None = Field(
+        default=None, description="personalization service to fetch spec + global adapter from (HTTP)"
+    )
+    token: str | None = Field(default=None, description="bearer token for service_url (pfi token issue)")
 
     def resolved_state_dir(self, settings: PFISettings) -> Path:
         return self.state_dir if self.state_dir is not None else settings.home / "edge"
