@@ -40,16 +40,17 @@ from typing import Any
 import torch
 from redis.asyncio import Redis
 
-from schemas.codec import decode_tensors, encode_tensors, sha256_hex
-from schemas.events import FederationSpec, GlobalVersionPublished, LoraSpec, make_envelope, utcnow
+from schemas.codec import decode_tensors, encode_tensors
+from schemas.events import FederationSpec, LoraSpec
 from schemas.records import VersionMeta
+from services.federation.admin import commit_state
 from services.models.base import TINY_CONFIG, TINY_LLAMA, BaseModel, ByteTokenizer, load_base_model
 from services.models.lora import init_adapter, peft_config
 from services.personalization.harness import Harness, serving
 from services.personalization.stacks import build_merged_stack
 from services.settings import MIB, PFISettings, ServeSettings
 from services.store import keys
-from services.store.versions import VersionCommit, VersionStore
+from services.store.versions import VersionStore
 from services.versions_codec import BLOB_ENCODING
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
@@ -114,44 +115,7 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 async def commit(store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor]) -> VersionMeta:
     """Commit the next global version with its announcement, as the aggregator's commit does."""
-    latest, head = await store.pointers(spec.name)
-    version = 0 if head is None else head + 1
-    blob = encode_tensors(state, BLOB_ENCODING)
-    meta = VersionMeta(
-        federation=spec.name,
-        version=version,
-        parent=latest,
-        kind="init" if version == 0 else "aggregate",
-        created_at=utcnow(),
-        digest=sha256_hex(blob),
-        size_bytes=len(blob),
-        spec_fingerprint=spec.fingerprint(),
-    )
-    event = GlobalVersionPublished(
-        federation=spec.name,
-        version=version,
-        parent=latest,
-        digest=meta.digest,
-        num_updates=0,
-        size_bytes=len(blob),
-        created_at=meta.created_at,
-    )
-    envelope = make_envelope(
-        event, source="pfi://bench", subject=spec.name, event_id=f"{spec.name}-v{version}"
-    )
-    await store.commit_version(
-        VersionCommit(
-            federation=spec.name,
-            expected_latest=latest,
-            expected_head=head,
-            version=version,
-            blob=blob,
-            meta=meta,
-            keep_versions=spec.aggregation.keep_versions,
-            event_json=envelope.model_dump_json(),
-        )
-    )
-    return meta
+    return await commit_state(store, spec, state, source="pfi://bench")
 
 
 async def create(store: VersionStore, spec: FederationSpec, base: BaseModel) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import torch
 from redis.asyncio import Redis
 
 from schemas.codec import encode_tensors, sha256_hex
@@ -30,12 +31,22 @@ async def create_federation(store: VersionStore, spec: FederationSpec) -> Versio
             raise ConfigError(f"federation {spec.name!r} already exists")
     base = await asyncio.to_thread(load_base_model, spec.base_model)
     state = await asyncio.to_thread(init_adapter, spec, base.model)
+    return await commit_state(store, spec, state)
+
+
+async def commit_state(
+    store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor], *, source: str = SOURCE
+) -> VersionMeta:
+    """Commit ``state`` as the federation's next version (v0 when it has none) with its announcement,
+    outside the aggregator: federation creation, benchmarks and tests of the serving path."""
+    latest, head = await store.pointers(spec.name)
+    version = 0 if head is None else head + 1
     blob = await asyncio.to_thread(encode_tensors, state, BLOB_ENCODING)
     meta = VersionMeta(
         federation=spec.name,
-        version=0,
-        parent=None,
-        kind="init",
+        version=version,
+        parent=latest,
+        kind="init" if version == 0 else "aggregate",
         created_at=utcnow(),
         digest=sha256_hex(blob),
         size_bytes=len(blob),
@@ -44,20 +55,20 @@ async def create_federation(store: VersionStore, spec: FederationSpec) -> Versio
     )
     event = GlobalVersionPublished(
         federation=spec.name,
-        version=0,
-        parent=None,
+        version=version,
+        parent=latest,
         digest=meta.digest,
         num_updates=0,
         size_bytes=len(blob),
         created_at=meta.created_at,
     )
-    envelope = make_envelope(event, source=SOURCE, subject=spec.name, event_id=f"{spec.name}-v0")
+    envelope = make_envelope(event, source=source, subject=spec.name, event_id=f"{spec.name}-v{version}")
     await store.commit_version(
         VersionCommit(
             federation=spec.name,
-            expected_latest=None,
-            expected_head=None,
-            version=0,
+            expected_latest=latest,
+            expected_head=head,
+            version=version,
             blob=blob,
             meta=meta,
             keep_versions=spec.aggregation.keep_versions,

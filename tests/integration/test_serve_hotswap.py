@@ -14,15 +14,13 @@ from redis.asyncio import Redis
 
 from clients.http_source import upload_personal_adapter
 from clients.updates import UpdateProducer
-from schemas.codec import encode_tensors, sha256_hex
-from schemas.events import FederationSpec, GlobalVersionPublished, make_envelope, utcnow
+from schemas.events import FederationSpec
 from schemas.records import VersionMeta
-from services.federation.admin import rollback_federation
+from services.federation.admin import commit_state, rollback_federation
 from services.personalization.harness import Harness, serving
 from services.personalization.user_adapters import user_key
 from services.settings import PFISettings, ServeSettings
-from services.store.versions import VersionCommit, VersionStore
-from services.versions_codec import BLOB_ENCODING
+from services.store.versions import VersionStore
 from tests.support.federations import (
     global_state,
     new_client,
@@ -51,45 +49,7 @@ async def h(settings: PFISettings) -> AsyncIterator[Harness]:
 
 async def publish(store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor]) -> VersionMeta:
     """Commit a new global version the way the aggregator does (blob, meta, pointers, announcement)."""
-    latest, head = await store.pointers(spec.name)
-    assert head is not None
-    version = head + 1
-    blob = encode_tensors(state, BLOB_ENCODING)
-    meta = VersionMeta(
-        federation=spec.name,
-        version=version,
-        parent=latest,
-        kind="aggregate",
-        created_at=utcnow(),
-        digest=sha256_hex(blob),
-        size_bytes=len(blob),
-        spec_fingerprint=spec.fingerprint(),
-    )
-    event = GlobalVersionPublished(
-        federation=spec.name,
-        version=version,
-        parent=latest,
-        digest=meta.digest,
-        num_updates=0,
-        size_bytes=len(blob),
-        created_at=meta.created_at,
-    )
-    envelope = make_envelope(
-        event, source="pfi://tests", subject=spec.name, event_id=f"{spec.name}-v{version}"
-    )
-    await store.commit_version(
-        VersionCommit(
-            federation=spec.name,
-            expected_latest=latest,
-            expected_head=head,
-            version=version,
-            blob=blob,
-            meta=meta,
-            keep_versions=spec.aggregation.keep_versions,
-            event_json=envelope.model_dump_json(),
-        )
-    )
-    return meta
+    return await commit_state(store, spec, state, source="pfi://tests")
 
 
 async def moved(store: VersionStore, spec: FederationSpec, seed: int) -> dict[str, torch.Tensor]:
