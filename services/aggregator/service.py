@@ -163,6 +163,7 @@ class Aggregator:
         self.runtimes = {}
         self.processed = {}
         self.generation += 1
+        self.metrics.consumer_lag.clear()  # partitions may have moved: no stale lag from a former owner
         for name in list(self.metrics.buffer_updates._metrics):
             self.metrics.buffer_updates.labels(*name).set(0)
 
@@ -292,6 +293,7 @@ class Aggregator:
                 "message key does not match the update's federation", reason=RejectReason.SCHEMA_INVALID
             )
         self.metrics.updates_received.labels(runtime.name).inc()
+        self.metrics.global_version.labels(runtime.name).set(runtime.latest)  # also after a load or rollback
         buffered = runtime.is_buffered(update.update_id)
         if buffered or await self.store.is_seen(runtime.name, update.update_id):
             if zone is Zone.REPLAY:
