@@ -127,7 +127,6 @@ class VersionWriter:
         runtime.apply(result, version)
         runtime.accountant = accountant
         runtime.mark_durable(offsets, self.topic)
-        await self.publisher.announce(envelope)
         elapsed = time.perf_counter() - started
         name = runtime.name
         self.metrics.aggregation_seconds.labels(name).observe(elapsed)
@@ -139,6 +138,7 @@ class VersionWriter:
         if epsilon is not None:
             self.metrics.dp_epsilon.labels(name).set(epsilon)
         log.info("%s v%d <- %d update(s) in %.3fs", name, version, len(taken), elapsed)
+        await self.publisher.announce(envelope)  # after the metrics: they describe the commit itself
         return version
 
 

@@ -238,8 +238,13 @@ async def test_mixed_staleness_matches_the_pure_function(
                     await produce(producer, [encode_frame(env)], fleet.name.encode())
                     i += 1
                 await wait_version(fleet.store, fleet.name, r + 1)
-            assert sample(agg, "pfi_aggregator_updates_aggregated_total", federation=fleet.name) == (
-                (last_round - first_round) * k
+            # The counter moves just after the Redis commit that wait_version saw: wait for it too.
+            expected = (last_round - first_round) * k
+            await wait_for(
+                lambda agg=agg, expected=expected: (
+                    sample(agg, "pfi_aggregator_updates_aggregated_total", federation=fleet.name) == expected
+                ),
+                timeout=10,
             )
     assert await fleet.store.latest(fleet.name) == rounds
     status = await assert_counts(fleet.store, fleet.name, rounds * k)
