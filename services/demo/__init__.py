@@ -1,1 +1,1 @@
-"""``pfi demo``: the main job (for now an end-to-end smoke of the federation pipeline)."""
+"""``pfi demo``: the main job — a personalized federation on a real foundation model, end to end."""

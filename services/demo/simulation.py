@@ -1,0 +1,549 @@
+"""Async FedBuff vs sync FedAvg on the same simulated fleet, with a discrete-event virtual clock.
+
+Two CPU cores cannot run dozens of devices at once, so device *time* is simulated while everything else
+is real: every update is trained for real (:class:`~clients.agent.EdgeAgent` on the shared
+:class:`~clients.training.AdapterTrainer`), clipped, encoded, signed, queued in the agent's outbox and
+sent through Kafka to the real ``pfi aggregator`` process, which commits versions to Redis; agents
+download the global adapter from the real ``pfi serve`` process.
+
+Device model (identical for both runs): client ``i`` has a speed factor ``m_i ~ lognormal(0, sigma)``
+(seeded); one update of client ``i`` in its round ``r`` takes ``m_i * steps * step_seconds + U(0,
+network_s)`` virtual seconds (the delay drawn from an RNG seeded by (seed, user, r), so both runs see
+the same delays).
+
+* **sync** (FedAvg rounds, K = users), run first: every client trains from the same global; the round
+  lasts ``max_i`` of the clients' device times; the aggregator makes one version per round. It sends
+  ``rounds x users`` updates.
+* **async** (FedBuff, K updates per version, polynomial staleness weight): an event queue of client
+  completions. A client starting at virtual time ``t`` downloads the global adapter that exists at
+  ``t``: before any client starts, every update published at a virtual time ``<= t`` has been
+  aggregated (when a version is due, the run waits until the aggregator has committed it). Updates are
+  published in completion order; a client starts its next round when its update is out. The run
+  stops at the first version whose held-out loss is at or below ``target`` (the sync run's best), or
+  after ``max_updates`` updates. A round's result depends only on what the client had at its start
+  (the global version then, its personal adapter, its data and seed), so the real training runs when
+  its completion event is processed, against the *pinned* version the client downloaded at its start
+  (:class:`PinnedSource`): rounds still in flight when the run stops cost no compute.
+
+Both runs start every client from the same v0 with a fresh personal adapter, the same data and seed, so
+their first rounds are bit-identical: :class:`FirstRoundCache` trains each once and lets the sync run
+reuse the result (keyed by user, config and a digest of the global adapter; nothing else is shared).
+
+After every new version the global adapter is evaluated in-process on a pooled held-out set (a few
+chunks per user): this is the loss-vs-time curve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import heapq
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from clients.agent import (
+    AgentOptions,
+    EdgeAgent,
+    KafkaSender,
+    MemoryPersonalStore,
+    OutboxPublisher,
+    RoundResult,
+)
+from clients.data import UserData
+from clients.http_source import HttpGlobalSource
+from clients.outbox import Outbox
+from clients.source import GlobalAdapter
+from clients.training import AdapterTrainer, TrainConfig, TrainResult
+from schemas.errors import PFIError
+from schemas.events import FederationSpec
+from schemas.signing import derive_client_key
+from services.demo.config import DemoConfig
+from services.demo.processes import ServiceProcess
+from services.federation.admin import federation_status
+from services.settings import PFISettings
+from services.store.versions import VersionStore
+
+StateDict = dict[str, torch.Tensor]
+Echo = Callable[[str], None]
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Per-client speed factors and per-update device times (virtual seconds)."""
+
+    speeds: dict[str, float]
+    steps: int
+    step_seconds: float
+    network_s: float
+    seed: int
+
+    @classmethod
+    def build(cls, users: list[str], cfg: DemoConfig) -> DeviceModel:
+        speeds = {}
+        for user in users:
+            rng = seeded_rng("speed", cfg.seed, user)
+            speeds[user] = rng.lognormvariate(0.0, cfg.speed_sigma) if cfg.speed_sigma > 0 else 1.0
+        return cls(speeds, cfg.steps, cfg.step_seconds, cfg.network_s, cfg.seed)
+
+    def duration(self, user: str, round_index: int) -> float:
+        delay = seeded_rng("network", self.seed, user, round_index).uniform(0.0, self.network_s)
+        return self.speeds[user] * self.steps * self.step_seconds + delay
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    version: int
+    virtual_s: float
+    wall_s: float
+    updates: int  # updates published when the version appeared
+    nll: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    user: str
+    round: int
+    base_version: int
+    start_s: float  # virtual
+    publish_s: float  # virtual
+    train_s: float  # real seconds of training
+    loss_before: float
+    loss_after: float
+    update_id: str
+
+
+@dataclass
+class RunResult:
+    mode: str  # "async" | "sync"
+    federation: str
+    buffer_size: int
+    points: list[CurvePoint] = field(default_factory=list)
+    updates: list[UpdateRecord] = field(default_factory=list)
+    personal: dict[str, StateDict] = field(default_factory=dict)
+    rounds: dict[str, int] = field(default_factory=dict)
+    trained_against: dict[str, int] = field(default_factory=dict)  # user -> base version of its last round
+    reused_first_rounds: int = 0
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    wait_s: float = 0.0
+    eval_s: float = 0.0
+
+    @property
+    def virtual_s(self) -> float:
+        return max((u.publish_s for u in self.updates), default=0.0)
+
+    @property
+    def final_version(self) -> int:
+        return self.points[-1].version if self.points else 0
+
+    def summary(self) -> dict[str, Any]:
+        first, last = (self.points[0], self.points[-1]) if self.points else (None, None)
+        return {
+            "mode": self.mode,
+            "federation": self.federation,
+            "buffer_size": self.buffer_size,
+            "updates": len(self.updates),
+            "versions": self.final_version,
+            "virtual_s": self.virtual_s,
+            "wall_s": self.wall_s,
+            "train_s": self.train_s,
+            "reused_first_rounds": self.reused_first_rounds,
+            "aggregator_wait_s": self.wait_s,
+            "eval_s": self.eval_s,
+            "initial_nll": None if first is None else first.nll,
+            "final_nll": None if last is None else last.nll,
+            "best_nll": min((p.nll for p in self.points), default=None),
+        }
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FirstRoundCache:
+    """The agents' view of the trainer: trains, and remembers rounds that start from a fresh personal
+    adapter (a client's first round), so an identical call (same user, config and global adapter
+    bytes) is answered from memory. The trainer is deterministic, so the answer is what it would
+    compute again; the result's tensors are only read by the agent (privatize copies them)."""
+
+    def __init__(self, trainer: AdapterTrainer) -> None:
+        self.trainer = trainer
+        self.spec = trainer.spec
+        self.hits = 0
+        self._results: dict[tuple[str, TrainConfig, str], TrainResult] = {}
+
+    @property
+    def keys(self) -> list[str]:
+        return self.trainer.keys
+
+    def train(
+        self, global_adapter: StateDict, personal: StateDict | None, data: UserData, cfg: TrainConfig
+    ) -> TrainResult:
+        if personal is not None:
+            return self.trainer.train(global_adapter, personal, data, cfg)
+        key = (data.user_id, cfg, state_digest(global_adapter))
+        cached = self._results.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        result = self.trainer.train(global_adapter, personal, data, cfg)
+        self._results[key] = result
+        return result
+
+
+class PinnedSource:
+    """A :class:`~clients.source.GlobalSource` whose "latest" is the version the client saw when it
+    started its round (``version``); adapters are shared between the clients of a run (``cache``)."""
+
+    def __init__(self, inner: HttpGlobalSource, cache: dict[tuple[str, int], GlobalAdapter]) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.version = 0
+
+    async def spec(self, federation: str) -> FederationSpec:
+        return await self.inner.spec(federation)
+
+    async def latest(self, federation: str) -> GlobalAdapter:
+        key = (federation, self.version)
+        if key not in self.cache:
+            adapter = await self.inner.adapter(federation, self.version)
+            if adapter.version != self.version:
+                raise PFIError(f"{federation}: asked the service for v{self.version}, got v{adapter.version}")
+            self.cache[key] = adapter
+        return self.cache[key]
+
+
+@dataclass
+class _Client:
+    user: str
+    agent: EdgeAgent
+    data: UserData
+    source: PinnedSource
+    rounds: int = 0
+    pending: RoundResult | None = None
+    start_s: float = 0.0
+
+
+class FleetRunner:
+    """Runs one federation's training on the fleet (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        settings: PFISettings,
+        trainer: AdapterTrainer,
+        source: HttpGlobalSource,
+        store: VersionStore,
+        aggregator: ServiceProcess,
+        users: dict[str, UserData],
+        curve_texts: list[str],
+        devices: DeviceModel,
+        workdir: Path,
+        echo: Echo,
+    ) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.trainer = trainer
+        self.source = source
+        self.store = store
+        self.aggregator = aggregator
+        self.users = users
+        self.curve_texts = curve_texts
+        self.devices = devices
+        self.workdir = workdir
+        self.echo = echo
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfi-demo-train")
+        self.first_rounds = FirstRoundCache(trainer)
+        self._last_line = time.monotonic()
+        self.master = bytes.fromhex(settings.signing_master_key or "")
+        if len(self.master) < 16:
+            raise PFIError("the demo needs PFI_SIGNING_MASTER_KEY (hex, >= 16 bytes) in its settings")
+        self.eval_seq_len = cfg.eval_tokens  # one block per chunk, equal lengths: batched
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def train_config(self, user: str, round_index: int) -> TrainConfig:
+        return TrainConfig(
+            steps=self.cfg.steps,
+            batch_size=self.cfg.batch_size,
+            seq_len=self.cfg.seq_len,
+            lr=self.cfg.lr,
+            personal_lr=self.cfg.personal_lr,
+            seed=(self.cfg.seed * 1_000_003 + round_index) & 0x7FFFFFFF,
+            eval_sequences=2,
+        )
+
+    def _clients(self, federation: str, sender: KafkaSender, personal: MemoryPersonalStore) -> list[_Client]:
+        clients = []
+        cache: dict[tuple[str, int], GlobalAdapter] = {}
+        for user in sorted(self.users):
+            source = PinnedSource(self.source, cache)
+            client_id = f"{self.cfg.run_name}-{user}"[:128]
+            outbox = Outbox(self.workdir / federation / user)
+            agent = EdgeAgent(
+                federation,
+                user,
+                derive_client_key(self.master, client_id),
+                source,
+                cast(AdapterTrainer, self.first_rounds),  # the same calls, first rounds remembered
+                outbox,
+                sender,
+                self.settings,
+                None,
+                AgentOptions(drain=False),
+                client_id=client_id,
+                executor=self.executor,
+                personal_store=personal,
+                publisher=OutboxPublisher(outbox, sender),
+            )
+            clients.append(_Client(user, agent, self.users[user], source))
+        return clients
+
+    @staticmethod
+    def _start(client: _Client, version: int, start_s: float) -> None:
+        """``client`` starts a round at virtual ``start_s`` and downloads global ``version``."""
+        client.source.version = version
+        client.start_s = start_s
+
+    async def _train(self, client: _Client, result: RunResult) -> None:
+        """Train the round ``client`` started (against its pinned version); the update is queued."""
+        started = time.perf_counter()
+        train = self.train_config(client.user, client.rounds)
+        client.pending = await client.agent.run_round(client.data, train)
+        result.train_s += time.perf_counter() - started
+        client.rounds += 1
+        if time.monotonic() - self._last_line >= 20.0:  # a sign of life between versions
+            done = client.pending
+            self.echo(
+                f"{result.mode:>5} trained {client.user} round {client.rounds} from v{client.source.version} "
+                f"(loss {done.loss_before:.3f} -> {done.loss_after:.3f}); {len(result.updates)} updates out"
+            )
+            self._last_line = time.monotonic()
+
+    async def _publish(self, client: _Client, at_s: float, result: RunResult) -> None:
+        pending = client.pending
+        if pending is None:
+            raise PFIError(f"client {client.user} has no update to publish")
+        drained = await client.agent.publisher.drain(force=True)
+        if drained.remaining or drained.sent != 1:
+            raise PFIError(f"could not publish the update of {client.user}: {drained.error or 'not sent'}")
+        client.pending = None
+        result.updates.append(
+            UpdateRecord(
+                user=client.user,
+                round=client.rounds - 1,
+                base_version=pending.base_version,
+                start_s=client.start_s,
+                publish_s=at_s,
+                train_s=pending.train_seconds,
+                loss_before=pending.loss_before,
+                loss_after=pending.loss_after,
+                update_id=pending.update_id,
+            )
+        )
+        result.trained_against[client.user] = pending.base_version
+
+    async def _await_version(self, federation: str, version: int, result: RunResult) -> None:
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.settle_timeout_s
+        while True:
+            latest = await self.store.latest(federation)
+            if latest is not None and latest >= version:
+                break
+            self.aggregator.check()
+            if time.monotonic() > deadline:
+                status = await federation_status(self.store, federation)
+                raise PFIError(
+                    f"the aggregator did not publish {federation} v{version} within "
+                    f"{self.cfg.settle_timeout_s:.0f}s (latest v{latest}, accepted "
+                    f"{status['updates_accepted_total']}, rejected {status['updates_rejected_total']}); "
+                    f"log {self.aggregator.log_path}"
+                )
+            await asyncio.sleep(0.05)
+        result.wait_s += time.perf_counter() - started
+
+    async def evaluate_global(self, state: StateDict | None) -> tuple[float, float]:
+        adapters = {} if state is None else {"shared": state}
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(
+            self.executor,
+            functools.partial(
+                self.trainer.evaluate, adapters, self.curve_texts, seq_len=self.eval_seq_len, batch_size=8
+            ),
+        )
+        return out.mean_nll, out.token_accuracy
+
+    async def _point(
+        self, federation: str, version: int, virtual_s: float, began: float, result: RunResult
+    ) -> CurvePoint:
+        started = time.perf_counter()
+        adapter = await self._adapter(federation, version)
+        nll, acc = await self.evaluate_global(adapter)
+        result.eval_s += time.perf_counter() - started
+        point = CurvePoint(version, virtual_s, time.perf_counter() - began, len(result.updates), nll, acc)
+        result.points.append(point)
+        return point
+
+    async def _adapter(self, federation: str, version: int) -> StateDict:
+        adapter = await self.source.adapter(federation, version)
+        if adapter.version != version:
+            raise PFIError(f"{federation}: expected global v{version}, the service has v{adapter.version}")
+        return adapter.state
+
+    def _say(self, result: RunResult, point: CurvePoint, total: int) -> None:
+        self._last_line = time.monotonic()
+        self.echo(
+            f"{result.mode:>5} v{point.version:<3d} virtual {point.virtual_s:8.1f}s  held-out NLL "
+            f"{point.nll:.4f}  updates {point.updates}/{total}  wall {point.wall_s:6.0f}s"
+        )
+
+    def _finish(self, result: RunResult, personal: MemoryPersonalStore, spec: FederationSpec) -> None:
+        for user in self.users:
+            state = personal.load(user, spec.fingerprint())
+            if state is not None:
+                result.personal[user] = state
+
+    # -- the two runs ----------------------------------------------------------------------------
+    async def run_async(self, spec: FederationSpec, *, max_updates: int, target: float | None) -> RunResult:
+        """Until a version reaches ``target`` (None: never) or ``max_updates`` updates are out."""
+        fed = spec.name
+        buffer = spec.aggregation.buffer_size
+        total = max_updates
+        result = RunResult("async", fed, buffer)
+        hits = self.first_rounds.hits
+        personal = MemoryPersonalStore()
+        began = time.perf_counter()
+        async with KafkaSender(self.settings, client_id=f"{fed}-fleet") as sender:
+            clients = self._clients(fed, sender, personal)
+            self._say(result, await self._point(fed, 0, 0.0, began, result), total)
+            queue: list[tuple[float, int, int]] = []  # (completion time, tie-break, client index)
+            counter = 0
+            for index, client in enumerate(clients):
+                self._start(client, 0, 0.0)
+                heapq.heappush(queue, (self.devices.duration(client.user, 0), counter, index))
+                counter += 1
+            version, unversioned = 0, 0
+            while len(result.updates) < total:
+                now, _, index = heapq.heappop(queue)
+                client = clients[index]
+                await self._train(client, result)
+                await self._publish(client, now, result)
+                unversioned += 1
+                if unversioned >= buffer:
+                    version, unversioned = version + 1, 0
+                    await self._await_version(fed, version, result)
+                    point = await self._point(fed, version, now, began, result)
+                    self._say(result, point, total)
+                    if target is not None and point.nll <= target + 1e-9:
+                        self.echo(f"async reached the sync run's best held-out NLL {target:.4f}: stopping")
+                        break
+                self._start(client, version, now)
+                done = now + self.devices.duration(client.user, client.rounds)
+                heapq.heappush(queue, (done, counter, index))
+                counter += 1
+                pinned = {c.source.version for c in clients}
+                for key in [k for k in clients[0].source.cache if k[1] not in pinned]:
+                    del clients[0].source.cache[key]
+        result.rounds = {c.user: c.rounds for c in clients}
+        result.wall_s = time.perf_counter() - began
+        result.reused_first_rounds = self.first_rounds.hits - hits
+        self._finish(result, personal, spec)
+        return result
+
+    async def run_sync(self, spec: FederationSpec) -> RunResult:
+        fed = spec.name
+        result = RunResult("sync", fed, spec.aggregation.buffer_size)
+        hits = self.first_rounds.hits
+        personal = MemoryPersonalStore()
+        total = self.cfg.rounds * len(self.users)
+        began = time.perf_counter()
+        now = 0.0
+        async with KafkaSender(self.settings, client_id=f"{fed}-fleet") as sender:
+            clients = self._clients(fed, sender, personal)
+            self._say(result, await self._point(fed, 0, 0.0, began, result), total)
+            for round_index in range(self.cfg.rounds):
+                done = []
+                for index, client in enumerate(clients):
+                    self._start(client, round_index, now)
+                    await self._train(client, result)
+                    done.append((now + self.devices.duration(client.user, round_index), index))
+                done.sort()
+                for finished, index in done:
+                    await self._publish(clients[index], finished, result)
+                now = done[-1][0]
+                await self._await_version(fed, round_index + 1, result)
+                self._say(result, await self._point(fed, round_index + 1, now, began, result), total)
+        result.rounds = {c.user: c.rounds for c in clients}
+        result.wall_s = time.perf_counter() - began
+        result.reused_first_rounds = self.first_rounds.hits - hits
+        self._finish(result, personal, spec)
+        return result
+
+
+# ------------------------------------------------------------------------------------ time to target
+
+
+def first_at(points: list[CurvePoint], target: float) -> CurvePoint | None:
+    """The first version whose held-out NLL is at or below ``target``."""
+    for point in points:
+        if point.nll <= target + 1e-9:
+            return point
+    return None
+
+
+def speedup(async_run: RunResult, sync_run: RunResult) -> dict[str, Any]:
+    """``async_vs_sync_speedup`` = (virtual time sync needs to reach the target) / (time async needs).
+
+    The target is the best global held-out NLL *both* runs reach: the higher of the two runs' best
+    losses. It is undefined (``None``) when a run never improved on v0."""
+    if not async_run.points or not sync_run.points:
+        return {"async_vs_sync_speedup": None, "reason": "a run has no evaluated version"}
+    initial = async_run.points[0].nll
+    best_async = min(p.nll for p in async_run.points)
+    best_sync = min(p.nll for p in sync_run.points)
+    target = max(best_async, best_sync)
+    out: dict[str, Any] = {
+        "definition": "t_sync(target) / t_async(target), virtual seconds to the first global version whose "
+        "pooled held-out NLL <= target; target = max(best async NLL, best sync NLL), the best loss both "
+        "runs reach",
+        "initial_nll": initial,
+        "best_nll_async": best_async,
+        "best_nll_sync": best_sync,
+        "target_nll": target,
+        "time_to_target_async_s": None,
+        "time_to_target_sync_s": None,
+        "updates_to_target_async": None,
+        "updates_to_target_sync": None,
+        "async_vs_sync_speedup": None,
+        "reason": None,
+    }
+    if target >= initial - 1e-9:
+        out["reason"] = "one of the runs never got below the v0 loss, so there is no common target"
+        return out
+    p_async, p_sync = first_at(async_run.points, target), first_at(sync_run.points, target)
+    if p_async is not None and p_sync is not None:
+        out["time_to_target_async_s"], out["time_to_target_sync_s"] = p_async.virtual_s, p_sync.virtual_s
+        out["updates_to_target_async"], out["updates_to_target_sync"] = p_async.updates, p_sync.updates
+        if p_async.virtual_s > 0:
+            out["async_vs_sync_speedup"] = p_sync.virtual_s / p_async.virtual_s
+    return out
