@@ -215,9 +215,9 @@ class Demo:
             self.echo("local stack already running: it stays up afterwards")
         else:
             down = [c for c in (status.kafka, status.redis) if not c.up]
-            await manager.up_async(self.base_settings, echo=lambda line: self.echo(f"  {line}"), topics=False)
-            # Stopped at the end only when the demo started the whole stack.
+            # Stopped at the end (even after a failed start) only when the demo starts the whole stack.
             self.stack_started = len(down) == 2 and not any(c.external for c in down)
+            await manager.up_async(self.base_settings, echo=lambda line: self.echo(f"  {line}"), topics=False)
         await ensure_topics(self.settings)
         self.topics_created = True
         self.echo(f"topics {self.settings.topic_prefix}.* ready")
