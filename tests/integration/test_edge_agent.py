@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from clients.agent import (
@@ -32,13 +31,18 @@ from clients.outbox import Outbox
 from clients.source import RedisGlobalSource
 from clients.training import AdapterTrainer, TrainConfig
 from schemas.events import DPMetadata, FederationSpec, LoraSpec
-from schemas.frame import decode_frame
 from services.federation.admin import create_federation
 from services.models.base import TINY_LLAMA, load_base_model
 from services.settings import PFISettings
-from services.stack.topics import consumer_limits
 from services.store.versions import VersionStore
-from tests.support.federations import fed_name, global_state, running_aggregator, tiny_spec, wait_for
+from tests.support.federations import (
+    fed_name,
+    global_state,
+    read_events,
+    running_aggregator,
+    tiny_spec,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -109,24 +113,7 @@ async def agents(
 
 
 async def read_updates(settings: PFISettings, count: int, timeout_s: float = 20.0) -> list[Any]:
-    consumer = AIOKafkaConsumer(
-        settings.updates_topic,
-        bootstrap_servers=settings.kafka_bootstrap(),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **consumer_limits(settings),
-    )
-    await consumer.start()
-    out: list[Any] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(out) < count and asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                out += [decode_frame(r.value, max_frame_bytes=1 << 24).data for r in records]
-    finally:
-        await consumer.stop()
-    return out
+    return await read_events(settings, settings.updates_topic, count, timeout_s)
 
 
 async def test_shared_and_personal_training_lowers_heldout_loss(

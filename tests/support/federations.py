@@ -119,31 +119,44 @@ async def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.2)
         await asyncio.sleep(interval)
 
 
-async def read_dead_letters(
+async def read_events(
     settings: PFISettings,
+    topic: str,
     expect: int,
     timeout: float = 30.0,  # noqa: ASYNC109
 ) -> list[Any]:
-    """Consume the DLQ topic from the beginning until ``expect`` records arrived."""
+    """Consume ``topic`` from the beginning until ``expect`` framed events arrived (or the timeout)."""
     from aiokafka import AIOKafkaConsumer
 
+    from services.stack.topics import consumer_limits
+
     consumer = AIOKafkaConsumer(
-        settings.dlq_topic,
+        topic,
         bootstrap_servers=settings.kafka_bootstrap(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        **consumer_limits(settings),
     )
     await consumer.start()
     out: list[Any] = []
     try:
         deadline = asyncio.get_running_loop().time() + timeout
         while len(out) < expect and asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
+            batch = await consumer.getmany(timeout_ms=300)
             for records in batch.values():
                 out += [decode_frame(r.value, max_frame_bytes=1 << 24).data for r in records]
     finally:
         await consumer.stop()
     return out
+
+
+async def read_dead_letters(
+    settings: PFISettings,
+    expect: int,
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> list[Any]:
+    """Consume the DLQ topic from the beginning until ``expect`` records arrived."""
+    return await read_events(settings, settings.dlq_topic, expect, timeout)
 
 
 # -- more helpers (rejects / versions tests) ---------------------------------------------------------
