@@ -167,8 +167,13 @@ def sign_update(envelope: Envelope[AdapterUpdate], key: bytes) -> Envelope[Adapt
     return envelope.model_copy(update={"data": data})
 
 
-def verify_update(envelope: Envelope[AdapterUpdate], keys: KeyStore) -> None:
-    """Raise :class:`SignatureError` unless the update is signed by its client's key and intact."""
+def verify_update(
+    envelope: Envelope[AdapterUpdate], keys: KeyStore, *, payload_verified: bool = False
+) -> None:
+    """Raise :class:`SignatureError` unless the update is signed by its client's key and intact.
+
+    ``payload_verified``: the caller has just checked ``payload_sha256`` against the payload (e.g.
+    :func:`schemas.frame.verify_payload_digest`), so it is not hashed a second time."""
     data = envelope.data
     if not isinstance(data, AdapterUpdate):
         raise SignatureError(f"only adapter updates are signed, not {type(data).__name__}")
@@ -177,6 +182,7 @@ def verify_update(envelope: Envelope[AdapterUpdate], keys: KeyStore) -> None:
     key = keys.get(data.client_id)
     if key is None:
         raise SignatureError(f"no key for client {data.client_id!r}")
-    _check_payload(envelope)
+    if not payload_verified:
+        _check_payload(envelope)
     if not hmac.compare_digest(_mac(envelope, key).encode(), data.signature.encode()):
         raise SignatureError(f"bad signature on update {data.update_id}")

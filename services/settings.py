@@ -107,6 +107,12 @@ class AggregatorSettings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     worker_threads: int = Field(default=2, ge=1)
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="torch intra-op threads of each worker thread (0: torch's default). Adapter tensors are "
+        "small and the workers already run in parallel: more threads per op oversubscribe the cores",
+    )
     unknown_federation_ttl_s: float = Field(default=2.0, ge=0, description="cache of 'no such federation'")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -9,9 +12,23 @@ SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 28, 2))  # 1 KiB .. 128 MiB
 LOSS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 10, 15, 20)
 
 
+@dataclass(frozen=True)
+class FederationMetrics:
+    """The labelled children one accepted update touches, looked up once per federation."""
+
+    received: Any
+    accepted: Any
+    version: Any
+    staleness: Any
+    train_loss: Any
+    buffered: Any
+    capacity: Any
+
+
 class AggregatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "pfi_aggregator"
+        self._federations: dict[str, FederationMetrics] = {}
         self.messages_received = Counter(
             f"{ns}_messages_received_total",
             "Kafka messages read from the updates topic",
@@ -133,6 +150,11 @@ class AggregatorMetrics:
             ["federation"],
             registry=registry,
         )
+        self.store_outages = Counter(
+            f"{ns}_store_outages_total",
+            "Redis failures that made the aggregator drop its in-memory state and replay",
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             f"{ns}_consumer_lag_messages",
             "High watermark minus position, per assigned partition",
@@ -153,3 +175,20 @@ class AggregatorMetrics:
             ["federation"],
             registry=registry,
         )
+
+    def of(self, federation: str) -> FederationMetrics:
+        """Per-update hot path: the federation's children without a ``labels()`` lookup each time."""
+        found = self._federations.get(federation)
+        if found is None:
+            if len(self._federations) > 10_000:
+                self._federations.clear()
+            found = self._federations[federation] = FederationMetrics(
+                received=self.updates_received.labels(federation),
+                accepted=self.updates_accepted.labels(federation),
+                version=self.global_version.labels(federation),
+                staleness=self.staleness.labels(federation),
+                train_loss=self.client_train_loss.labels(federation),
+                buffered=self.buffer_updates.labels(federation),
+                capacity=self.buffer_capacity.labels(federation),
+            )
+        return found

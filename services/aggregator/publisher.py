@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -61,11 +64,25 @@ class Publisher:
         )
 
     async def announce(self, envelope: Envelope[GlobalVersionPublished]) -> None:
-        """Announce a committed version on the versions topic (the Redis stream already has it)."""
+        """Hand a committed version's announcement to the producer (the Redis stream already has it).
+
+        Its delivery (acks=all) is confirmed in the background: waiting here would stall consumption for
+        a broker round trip per version. Order is kept (one partition per federation, idempotent
+        producer, one request in flight per partition) and the producer's ``stop()`` flushes the rest.
+        """
         event = envelope.data
         try:
-            await self.producer.send_and_wait(
+            delivery = await self.producer.send(
                 self.settings.versions_topic, encode_frame(envelope), key=event.federation.encode()
             )
         except Exception as err:
             log.warning("could not announce %s v%d on Kafka: %s", event.federation, event.version, err)
+            return
+        delivery.add_done_callback(functools.partial(_delivered, event.federation, event.version))
+
+
+def _delivered(federation: str, version: int, delivery: asyncio.Future[Any]) -> None:
+    if delivery.cancelled():
+        log.warning("announcement of %s v%d cancelled (producer stopped)", federation, version)
+    elif (err := delivery.exception()) is not None:
+        log.warning("could not announce %s v%d on Kafka: %s", federation, version, err)

@@ -10,6 +10,7 @@ zombie that lost its partitions cannot raise them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -19,20 +20,22 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from schemas.chunking import ExpiredUpload
 from schemas.errors import PFIError, RejectedInput, RejectReason
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame
+from services.aggregator.batch import BatchPreparer, Prepared, add_chunk, check_and_validate, key_text
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
+from services.aggregator.rejects import Rejections
 from services.aggregator.runtime import FederationRuntime, Position, Zone
 from services.aggregator.state_loader import StateLoader
-from services.aggregator.validation import validate_update
 from services.aggregator.versioning import VersionWriter
 from services.health import HealthServer
 from services.keystore import ClientKeys
@@ -42,6 +45,26 @@ from services.store.versions import CommitConflict, VersionStore
 
 log = logging.getLogger("pfi.aggregator")
 T = TypeVar("T")
+
+
+def cpu_pool(agg: AggregatorSettings) -> ThreadPoolExecutor:
+    """The worker threads of decoding, validation and the fold, each with ``agg.torch_threads`` intra-op
+    threads. Torch's default (one OpenMP thread per core in every worker) makes each small tensor op a
+    fork/join across cores: with two workers on two busy cores, validating a 32 MiB update took 10x
+    longer than with one thread per worker (see bench/aggregator.py)."""
+    return ThreadPoolExecutor(
+        max_workers=agg.worker_threads,
+        thread_name_prefix="pfi-agg",
+        initializer=_init_worker,
+        initargs=(agg.torch_threads,),
+    )
+
+
+def _init_worker(torch_threads: int) -> None:
+    if torch_threads > 0:
+        # OpenMP keeps the thread count per thread: this sets it for this worker (and, through torch's
+        # global default, for threads that start torch later; the threads already running keep theirs).
+        torch.set_num_threads(torch_threads)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -68,7 +91,7 @@ class Aggregator:
         self.redis = Redis.from_url(settings.redis())
         self.store = VersionStore(self.redis)
         self.keys = ClientKeys(settings)
-        self.pool = ThreadPoolExecutor(max_workers=agg.worker_threads, thread_name_prefix="pfi-agg")
+        self.pool = cpu_pool(agg)
         self.loader = StateLoader(self.store, settings, self.run_cpu)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap(),
@@ -90,6 +113,10 @@ class Aggregator:
             **producer_limits(settings),
         )
         self.publisher = Publisher(self.producer, settings, self.instance)
+        self.rejections = Rejections(self.publisher, self.metrics, self.topic)
+        self.preparer = BatchPreparer(
+            self.loader, self.store, self.keys, self.redis, settings, self.run_cpu, self.metrics.in_flight
+        )
         self.writer = VersionWriter(self.store, self.publisher, self.metrics, self.run_cpu, self.topic)
         self.runtimes: dict[str, FederationRuntime] = {}
         self.processed: dict[int, int] = {}  # partition -> next offset to process
@@ -99,6 +126,7 @@ class Aggregator:
         self.health = HealthServer(self.registry, self.ready, agg.host, agg.port)
         self._last_progress = 0.0
         self._last_poll = 0.0
+        self._live_due: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run_cpu(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -119,9 +147,31 @@ class Aggregator:
         await self.start()
         try:
             while not self.stopping.is_set():
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except RedisError as err:  # the store is down: wait for it, then replay (like a crash)
+                    await self.wait_for_store(err)
         finally:
             await self.shutdown()
+
+    async def wait_for_store(self, err: RedisError) -> None:
+        """Redis failed mid-poll: the in-memory state is disposable and Redis commits are atomic, so
+        drop the state, wait (backing off) until Redis answers, then seek to its watermarks."""
+        self.metrics.store_outages.inc()
+        log.warning("Redis failed (%s): dropping in-memory state until it answers again", err)
+        self.forget_state("Redis outage")
+        delay = 0.25
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            try:
+                await self.redis.ping()
+                await self.resync("Redis answers again")
+                log.info("Redis answers again: replaying from the watermarks")
+                return
+            except RedisError as again:
+                delay = min(delay * 2, 5.0)
+                log.warning("Redis still failing (%s); next try in %.1fs", again, delay)
 
     async def shutdown(self) -> None:
         """Stop consuming; record durable progress; never write a partial version."""
@@ -129,7 +179,7 @@ class Aggregator:
             async with asyncio.timeout(self.agg.shutdown_timeout_s):
                 try:
                     await self.commit_progress()
-                except (PFIError, OSError) as err:
+                except (PFIError, OSError, RedisError) as err:
                     log.warning("final progress commit failed (replay will cover it): %s", err)
                 await self.consumer.stop()
                 await self.producer.stop()
@@ -187,20 +237,28 @@ class Aggregator:
         self._last_poll = time.monotonic()
         generation = self.generation
         for tp, records in batch.items():
-            for record in records:
+            if self.generation != generation or self.stopping.is_set():
+                return  # a rebalance or resync happened: the rest will be re-fetched
+            # Decodes, duplicate checks and validations of the batch, each in one hop (see batch.py);
+            # the records are still handled one by one, in order.
+            prepared = await self.preparer.prepare(self.runtimes, tp.partition, records)
+            for record, ready in zip(records, prepared, strict=True):
                 if self.generation != generation or self.stopping.is_set():
                     return  # a rebalance or resync happened: the rest will be re-fetched
-                await self.handle(tp.partition, record)
+                await self.handle(tp.partition, record, ready)
                 if self.generation == generation:
                     self.processed[tp.partition] = record.offset + 1
         await self.flush_due()
+        await self.refresh_live()
         if time.monotonic() - self._last_progress >= self.agg.progress_interval_s:
             await self.periodic()
         self.metrics.last_success_ts.set_to_current_time()
 
-    async def handle(self, partition: int, record: ConsumerRecord[Any, Any]) -> None:
+    async def handle(
+        self, partition: int, record: ConsumerRecord[Any, Any], ready: Prepared | None = None
+    ) -> None:
         kind = "unknown"
-        federation = _key_text(record.key)
+        federation = key_text(record.key)
         runtime = await self.loader.runtime(self.runtimes, federation) if federation else None
         zone = Zone.LIVE
         if runtime is not None:
@@ -211,9 +269,18 @@ class Aggregator:
             runtime.touch(partition, record.offset)
         envelope: Envelope[Any] | None = None
         try:
-            envelope = await self.run_cpu(
-                decode_frame, record.value or b"", max_frame_bytes=self.settings.max_update_bytes
-            )
+            # Digests are checked once, later: a chunk's by the reassembler, an update's payload with
+            # its validation (see ``check_and_validate``). Hashing here too would read every byte twice.
+            if ready is not None and (ready.envelope is not None or ready.error is not None):
+                envelope = ready.decoded()  # decoded with its batch (raises what the decode raised)
+            else:
+                envelope = await self.run_cpu(
+                    decode_frame,
+                    record.value or b"",
+                    max_frame_bytes=self.settings.max_update_bytes,
+                    verify_digest=False,
+                )
+            assert envelope is not None
             data = envelope.data
             first = (partition, record.offset)  # of the update's first message (chunk)
             if isinstance(data, AdapterUpdateChunk):
@@ -222,6 +289,7 @@ class Aggregator:
                 if assembled is None:
                     return
                 envelope, first = assembled
+                ready = None  # prepared answers are about whole updates only
             elif isinstance(data, AdapterUpdate):
                 kind = "whole"
             else:
@@ -230,10 +298,12 @@ class Aggregator:
                     reason=RejectReason.UNKNOWN_EVENT_TYPE,
                 )
             self.metrics.update_bytes.observe(len(envelope.data.payload))
-            await self.on_update(runtime, federation, envelope, (partition, record.offset), zone, first)
+            await self.on_update(
+                runtime, federation, envelope, (partition, record.offset), zone, first, ready
+            )
         except RejectedInput as err:
             if zone is not Zone.REPLAY:
-                await self.reject(runtime, err, envelope, partition, record)
+                await self.rejections.reject(runtime, err, envelope, partition, record.offset)
         finally:
             self.metrics.messages_received.labels(kind).inc()
 
@@ -260,15 +330,19 @@ class Aggregator:
             self.metrics.replayed_skipped.inc()
             return None
         started = runtime.reassembler.first_position_of(chunk.federation, chunk.client_id, chunk.update_id)
-        frame = runtime.reassembler.add(chunk, pos)
-        for dropped in runtime.reassembler.drain_evicted():
-            await self.reject_expired(runtime, dropped)
-        self._gauge_chunks()
-        if frame is None:
-            return None
-        envelope: Envelope[Any] = await self.run_cpu(
-            decode_frame, frame, max_frame_bytes=self.settings.max_update_bytes, expected=AdapterUpdate
+        # In a worker thread, with the decode of the whole frame once complete: it hashes the chunk, and
+        # the whole frame once complete (tens of ms for a large update), which would stall the event loop
+        # and the consumer's fetches. The reassembler is only ever touched by this task, which waits.
+        envelope, error = await self.run_cpu(
+            add_chunk, runtime.reassembler, chunk, pos, self.settings.max_update_bytes
         )
+        for dropped in runtime.reassembler.drain_evicted():
+            await self.rejections.expired(runtime, dropped)
+        self._gauge_chunks()
+        if error is not None:
+            raise error
+        if envelope is None:
+            return None
         return envelope, pos if started is None else min(started, pos)
 
     async def on_update(
@@ -279,10 +353,12 @@ class Aggregator:
         pos: Position,
         zone: Zone,
         first: Position | None = None,
+        ready: Prepared | None = None,
     ) -> None:
         """``pos``: the update's last message (the one being handled); ``first``: its first message. The
         buffer remembers ``first`` so that no offset stored (``safe``) or watermark passes an earlier chunk
-        of a buffered update: a replay must re-read all of its chunks."""
+        of a buffered update: a replay must re-read all of its chunks. ``ready``: what its poll batch
+        prepared (a ``seen`` answer, a validation), used only where it equals what asking now gives."""
         update: AdapterUpdate = envelope.data
         if runtime is None:
             raise RejectedInput(
@@ -292,10 +368,14 @@ class Aggregator:
             raise RejectedInput(
                 "message key does not match the update's federation", reason=RejectReason.SCHEMA_INVALID
             )
-        self.metrics.updates_received.labels(runtime.name).inc()
-        self.metrics.global_version.labels(runtime.name).set(runtime.latest)  # also after a load or rollback
+        fed_metrics = self.metrics.of(runtime.name)
+        fed_metrics.received.inc()
+        fed_metrics.version.set(runtime.latest)  # also after a load or rollback
         buffered = runtime.is_buffered(update.update_id)
-        if buffered or await self.store.is_seen(runtime.name, update.update_id):
+        seen = ready.seen if ready is not None and ready.runtime is runtime else None
+        if seen is None and not buffered:
+            seen = await self.store.is_seen(runtime.name, update.update_id)
+        if buffered or seen:
             if zone is Zone.REPLAY:
                 self.metrics.replayed_skipped.inc()
                 return
@@ -307,27 +387,29 @@ class Aggregator:
             raise RejectedInput(
                 f"update {update.update_id!r} was already received", reason=RejectReason.DUPLICATE
             )
-        await self.keys.ensure(self.redis, update.client_id)
-        self.metrics.in_flight.inc()
-        try:
-            valid = await self.run_cpu(
-                validate_update,
-                envelope,
-                runtime.view(),
-                self.keys,
-                max_decoded_bytes=self.settings.max_decoded_bytes,
-            )
-        finally:
-            self.metrics.in_flight.dec()
+        valid = ready.validated(runtime) if ready is not None else None
+        if valid is None:
+            await self.keys.ensure(self.redis, update.client_id)
+            self.metrics.in_flight.inc()
+            try:
+                valid = await self.run_cpu(
+                    check_and_validate,
+                    envelope,
+                    runtime.view(),
+                    self.keys,
+                    max_decoded_bytes=self.settings.max_decoded_bytes,
+                )
+            finally:
+                self.metrics.in_flight.dec()
         self.metrics.decode_seconds.observe(valid.decode_seconds)
-        self.metrics.staleness.labels(runtime.name).observe(valid.staleness)
+        fed_metrics.staleness.observe(valid.staleness)
         loss = update.metrics.loss_after
         if loss is not None and math.isfinite(loss):
-            self.metrics.client_train_loss.labels(runtime.name).observe(loss)
-        self.metrics.updates_accepted.labels(runtime.name).inc()
+            fed_metrics.train_loss.observe(loss)
+        fed_metrics.accepted.inc()
         full = runtime.add(valid, pos if first is None else first)
-        self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
-        self.metrics.buffer_capacity.labels(runtime.name).set(runtime.spec.aggregation.buffer_size)
+        fed_metrics.buffered.set(len(runtime.buffer))
+        fed_metrics.capacity.set(runtime.spec.aggregation.buffer_size)
         if full:
             await self.flush(runtime, handled=pos)
 
@@ -354,7 +436,7 @@ class Aggregator:
             await self.resync(f"flush failure on {runtime.name}")
         else:
             if version is not None:
-                await self.set_live(runtime)
+                self._live_due.add(runtime.name)  # written once per poll cycle (see refresh_live)
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
 
     async def set_live(self, runtime: FederationRuntime) -> None:
@@ -364,63 +446,25 @@ class Aggregator:
             {"buffered": len(runtime.buffer), "instance": self.instance, "updated_at": time.time()},
         )
 
+    async def refresh_live(self) -> None:
+        """``set_live`` of the federations that committed in this poll cycle: one write per cycle, not
+        per version (it is information only: the commit itself is what is durable)."""
+        due, self._live_due = self._live_due, set()
+        for name in due:
+            if (runtime := self.runtimes.get(name)) is not None:
+                await self.set_live(runtime)
+
     async def flush_due(self) -> None:
         for runtime in list(self.runtimes.values()):
             if runtime.buffer.due():
                 await self.flush(runtime)
-
-    # -- rejections -------------------------------------------------------------------------------
-    async def reject(
-        self,
-        runtime: FederationRuntime | None,
-        err: RejectedInput,
-        envelope: Envelope[Any] | None,
-        partition: int,
-        record: ConsumerRecord[Any, Any],
-    ) -> None:
-        data = envelope.data if envelope is not None else None
-        label = runtime.name if runtime is not None else "unknown"
-        self.metrics.updates_rejected.labels(label, err.reason.value).inc()
-        if runtime is not None:
-            runtime.pending_stats["rejected_total"] += 1
-            runtime.pending_stats[f"rejected:{err.reason.value}"] += 1
-        log.info("rejected %s@%s:%s: %s (%s)", label, partition, record.offset, err.reason.value, err.message)
-        await self.publisher.dead_letter(
-            err.reason,
-            err.message,
-            federation=getattr(data, "federation", None) or (runtime.name if runtime else None),
-            client_id=getattr(data, "client_id", None),
-            update_id=getattr(data, "update_id", None),
-            topic=self.topic,
-            partition=partition,
-            offset=record.offset,
-            original_type=envelope.type if envelope is not None else None,
-        )
-
-    async def reject_expired(self, runtime: FederationRuntime, dropped: ExpiredUpload[Position]) -> None:
-        why = "evicted (reassembly memory bound)" if dropped.evicted else "expired"
-        self.metrics.updates_rejected.labels(runtime.name, dropped.reason.value).inc()
-        runtime.pending_stats["rejected_total"] += 1
-        runtime.pending_stats[f"rejected:{dropped.reason.value}"] += 1
-        pos = dropped.first_position
-        await self.publisher.dead_letter(
-            dropped.reason,
-            f"chunked upload {why} with {dropped.received}/{dropped.count} chunks",
-            federation=dropped.federation,
-            client_id=dropped.client_id,
-            update_id=dropped.update_id,
-            topic=self.topic,
-            partition=pos[0] if pos else None,
-            offset=pos[1] if pos else None,
-            original_type=AdapterUpdateChunk.event_type(),
-        )
 
     # -- periodic work ----------------------------------------------------------------------------
     async def periodic(self) -> None:
         self._last_progress = time.monotonic()
         for runtime in list(self.runtimes.values()):
             for dropped in runtime.reassembler.expire():
-                await self.reject_expired(runtime, dropped)
+                await self.rejections.expired(runtime, dropped)
         self._gauge_chunks()
         await self.commit_progress()
         await self.keys.refresh(self.redis, force=False)
@@ -475,12 +519,3 @@ class Aggregator:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(
                     max(0, high - self.processed.get(tp.partition, high))
                 )
-
-
-def _key_text(key: bytes | None) -> str | None:
-    if not key:
-        return None
-    try:
-        return key.decode("utf-8")
-    except UnicodeDecodeError:
-        return None

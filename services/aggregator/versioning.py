@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from schemas.codec import encode_tensors, sha256_hex
-from schemas.events import GlobalVersionPublished, utcnow
+from schemas.events import AggregationSpec, GlobalVersionPublished, utcnow
 from schemas.records import UpdateContribution, VersionMeta
-from services.aggregator.math.fedbuff import AggregationResult, aggregate
+from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, aggregate
+from services.aggregator.math.server_optimizer import ServerOptState
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import BufferedInfo, FederationRuntime
+from services.aggregator.validation import StateDict
 from services.store.versions import VersionCommit, VersionStore
 from services.versions_codec import BLOB_ENCODING
 
@@ -53,21 +55,14 @@ class VersionWriter:
         spec = runtime.spec
         agg = spec.aggregation
         generator = torch.Generator().manual_seed(secrets.randbits(62))
-        result: AggregationResult = await self.run_cpu(
-            aggregate,
+        result, blob, opt_blob = await self.run_cpu(
+            fold_and_encode,
             runtime.global_state,
             [item for item, _ in taken],
             agg,
             runtime.opt_state,
-            generator=generator,
+            generator,
         )
-        blob: bytes = await self.run_cpu(encode_tensors, result.new_global, BLOB_ENCODING)
-        opt_blob = b""
-        if result.opt_state.kind != "none":
-            # BLOB_ENCODING stores float32 only: the int64 step and uint8 kind tensors are cast
-            # (exactly: small integers) and ServerOptState.from_tensors reads them back from float32.
-            opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
-            opt_blob = await self.run_cpu(encode_tensors, opt_tensors, BLOB_ENCODING)
         accountant = runtime.accountant
         epsilon: float | None = None
         if agg.dp_noise_multiplier > 0:
@@ -140,6 +135,25 @@ class VersionWriter:
         log.info("%s v%d <- %d update(s) in %.3fs", name, version, len(taken), elapsed)
         await self.publisher.announce(envelope)  # after the metrics: they describe the commit itself
         return version
+
+
+def fold_and_encode(
+    global_state: StateDict,
+    items: list[BufferedUpdate],
+    agg: AggregationSpec,
+    opt_state: ServerOptState,
+    generator: torch.Generator,
+) -> tuple[AggregationResult, bytes, bytes]:
+    """The fold and the blobs of its result, in one worker-thread call: (result, blob, optimizer blob)."""
+    result = aggregate(global_state, items, agg, opt_state, generator=generator)
+    blob = encode_tensors(result.new_global, BLOB_ENCODING)
+    opt_blob = b""
+    if result.opt_state.kind != "none":
+        # BLOB_ENCODING stores float32 only: the int64 step and uint8 kind tensors are cast
+        # (exactly: small integers) and ServerOptState.from_tensors reads them back from float32.
+        opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
+        opt_blob = encode_tensors(opt_tensors, BLOB_ENCODING)
+    return result, blob, opt_blob
 
 
 def _contributions(

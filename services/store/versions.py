@@ -10,7 +10,7 @@ zombie aggregator that lost its partition, or a rollback in between, makes the c
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
@@ -214,6 +214,15 @@ class VersionStore:
     async def is_seen(self, fed: str, update_id: str) -> bool:
         return bool(await self.redis.sismember(keys.seen(fed), update_id))
 
+    async def are_seen(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """``is_seen`` of many (federation, update id) pairs in one round trip (a pipeline, no MULTI)."""
+        if not pairs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for fed, update_id in pairs:
+            pipe.sismember(keys.seen(fed), update_id)
+        return [bool(answer) for answer in await pipe.execute()]
+
     async def get_stats(self, fed: str) -> dict[str, int]:
         raw = await self.redis.hgetall(keys.stats(fed))
         return {_text(k): int(v) for k, v in raw.items()}
@@ -239,8 +248,10 @@ class VersionStore:
             await self.redis.hset(keys.partition_watermarks(topic), mapping=cast(Any, update))
 
     async def set_live(self, fed: str, fields: Mapping[str, str | int | float]) -> None:
-        await self.redis.hset(keys.live(fed), mapping=cast(Any, dict(fields)))
-        await self.redis.expire(keys.live(fed), 300)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip
+        pipe.hset(keys.live(fed), mapping=cast(Any, dict(fields)))
+        pipe.expire(keys.live(fed), 300)
+        await pipe.execute()
 
     async def get_live(self, fed: str) -> dict[str, str]:
         raw = await self.redis.hgetall(keys.live(fed))
