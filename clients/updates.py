@@ -12,15 +12,18 @@ from collections.abc import Mapping
 
 import torch
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
 from schemas.chunking import split_frame
 from schemas.codec import encode_tensors, sha256_hex
+from schemas.errors import SchemaError
 from schemas.events import (
     AdapterUpdate,
     DPMetadata,
     Envelope,
     TensorEncoding,
     TrainingMetrics,
+    field_of,
     make_envelope,
 )
 from schemas.frame import encode_frame
@@ -43,22 +46,29 @@ def build_update(
     dp: DPMetadata | None = None,
     update_id: str | None = None,
 ) -> Envelope[AdapterUpdate]:
-    """A signed (when ``key`` is given) ``AdapterUpdate`` envelope carrying ``delta``."""
+    """A signed (when ``key`` is given) ``AdapterUpdate`` envelope carrying ``delta``.
+
+    Raises :class:`~schemas.errors.SchemaError` (naming the field) for a value the aggregator would
+    dead-letter anyway (an empty id, ``num_samples < 1``...), before anything is sent."""
     encoding = encoding or TensorEncoding()
     payload = encode_tensors(delta, encoding)
-    update = AdapterUpdate(
-        federation=federation,
-        client_id=client_id,
-        update_id=update_id or f"{client_id}-{uuid.uuid4().hex[:16]}",
-        base_version=base_version,
-        num_samples=num_samples,
-        spec_fingerprint=spec_fingerprint,
-        encoding=encoding,
-        payload_sha256=sha256_hex(payload),
-        payload=payload,
-        metrics=metrics or TrainingMetrics(),
-        dp=dp,
-    )
+    try:
+        update = AdapterUpdate(
+            federation=federation,
+            client_id=client_id,
+            update_id=update_id or f"{client_id}-{uuid.uuid4().hex[:16]}",
+            base_version=base_version,
+            num_samples=num_samples,
+            spec_fingerprint=spec_fingerprint,
+            encoding=encoding,
+            payload_sha256=sha256_hex(payload),
+            payload=payload,
+            metrics=metrics or TrainingMetrics(),
+            dp=dp,
+        )
+    except ValidationError as err:
+        field, msg = field_of(err)
+        raise SchemaError(msg, field=field) from None
     envelope = make_envelope(update, source=f"pfi://client/{client_id}", subject=federation)
     return sign_update(envelope, key) if key is not None else envelope
 

@@ -22,6 +22,7 @@ SPECVERSION = "1.0"
 TYPE_PREFIX = "ai.pfi."
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+MAX_NUM_SAMPLES = 2**53  # exact in float64 (aggregation weights are float math)
 
 
 class StrictModel(BaseModel):
@@ -129,7 +130,9 @@ class AdapterUpdate(Event):
     client_id: str = Field(pattern=ID_PATTERN)
     update_id: str = Field(pattern=ID_PATTERN)
     base_version: int = Field(ge=0)
-    num_samples: int = Field(ge=1)
+    # Bounded so that sample weights stay finite float64 math: an unbounded JSON integer (10**400) made the
+    # merge raise OverflowError on every flush and replay, wedging the federation.
+    num_samples: int = Field(ge=1, le=MAX_NUM_SAMPLES)
     spec_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     encoding: TensorEncoding
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -227,7 +230,7 @@ def make_envelope(
     return envelope
 
 
-def _field_of(err: ValidationError, prefix: str = "") -> tuple[str, str]:
+def field_of(err: ValidationError, prefix: str = "") -> tuple[str, str]:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     return (f"{prefix}{loc}" if loc else prefix.rstrip(".")), first["msg"]
@@ -256,7 +259,7 @@ def parse_envelope(raw: dict[str, Any], expected: type[E] | None = None) -> Enve
     try:
         return Envelope[model].model_validate(raw)  # type: ignore[valid-type]
     except ValidationError as err:
-        field, msg = _field_of(err)
+        field, msg = field_of(err)
         reason = RejectReason.SCHEMA_INVALID
         raise SchemaError(msg, field=field, reason=reason) from None
 
