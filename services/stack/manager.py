@@ -6,6 +6,7 @@
   ``settings.stack_start_timeout_s`` and then creates the default topics.
 * ``down`` sends SIGTERM to each service's process group, waits, then SIGKILLs, and checks the
   processes are gone; processes of this stack are found by pidfile and by command line.
+* ``restart_component_async`` restarts one local component (SIGTERM or SIGKILL), e.g. for chaos runs.
 * A component whose address is configured (``PFI_KAFKA_BOOTSTRAP_SERVERS`` / ``PFI_REDIS_URL``) is
   external: never started or stopped, only health-checked.
 
@@ -474,6 +475,55 @@ async def down_async(settings: PFISettings | None = None, *, echo: Echo = print,
                     data = comp.cwd / "data"
                     shutil.rmtree(data, ignore_errors=True)
                     echo(f"{comp.name}: removed {data}")
+
+
+async def restart_component_async(
+    settings: PFISettings,
+    name: str,
+    *,
+    hard: bool = False,
+    downtime_s: float = 0.0,
+    echo: Echo = print,
+    timeout_s: float | None = None,
+) -> float:
+    """Restart ONE local component (``"kafka"`` or ``"redis"``) of this stack; the other is untouched.
+
+    ``hard``: SIGKILL (a crash: no shutdown code runs), else SIGTERM with the usual SIGKILL fallback. The
+    component stays down for ``downtime_s``, then is started again with its data and waited for until
+    healthy. Returns the seconds from the new start to healthy. For chaos tests and operators."""
+    comp = next((c for c in _components(settings) if c.name == name), None)
+    if comp is None:
+        raise StackError(f"unknown stack component {name!r} (kafka or redis)")
+    if comp.external:
+        raise StackError(f"{name} is external at {comp.address}: not restarted here")
+    timeout = timeout_s if timeout_s is not None else settings.stack_start_timeout_s
+    async with _stack_lock(settings, echo):
+        pids = set(find_pids(comp.markers))
+        pid = _running_pid(comp)
+        if pid is not None:
+            pids.add(pid)
+        if hard:
+            for victim in sorted(pids):
+                echo(f"{name}: killing pid {victim} (SIGKILL)")
+                _signal(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 10.0
+            while any(pid_alive(p) for p in pids):
+                if time.monotonic() > deadline:
+                    raise StackError(f"{name}: still alive 10s after SIGKILL: {sorted(pids)}")
+                await asyncio.sleep(0.05)
+            for victim in pids:
+                _children.pop(victim, None)
+        elif pids:
+            await _stop_pids({p: name for p in sorted(pids)}, echo)
+        comp.pidfile.unlink(missing_ok=True)
+        if downtime_s > 0:
+            await asyncio.sleep(downtime_s)
+        command = await asyncio.to_thread(comp.prepare, echo)
+        started = time.monotonic()
+        new_pid = _spawn(comp, command)
+        echo(f"{name}: restarted (pid {new_pid}), log {comp.log}")
+        await _wait_healthy(comp, new_pid, started + timeout, timeout, echo)
+        return time.monotonic() - started
 
 
 # --------------------------------------------------------------------------------------- sync API

@@ -1,0 +1,354 @@
+"""Real ``pfi aggregator`` OS processes for crash, rebalance and chaos runs (moved here from
+``tests/support/processes.py`` so that ``pfi bench chaos`` can use them too).
+
+* :class:`AggregatorProcess`: one ``pfi aggregator`` subprocess in its own session, configured only through
+  the environment (``PFI_*`` from a :class:`PFISettings`, ``PFI_AGGREGATOR_*`` overrides), stdout and
+  stderr captured to a log file; ``kill9`` / ``terminate`` / ``wait_assigned`` / ``metrics``.
+* :func:`aggregator_fleet`: an async context manager that starts processes on demand and, however the
+  caller ends, kills every one still alive and prints the tail of each log.
+* :func:`names_on_partitions`: federation names whose Kafka key lands on chosen partitions (murmur2,
+  as the default partitioner). :class:`Timeline`: timestamped notes.
+
+Waits that time out raise :class:`ChaosError` (a ``BenchError`` that is also an ``AssertionError``, so
+tests report it as a failed check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+
+from bench.common import BenchError
+from services.settings import PFISettings
+
+
+class ChaosError(BenchError, AssertionError):
+    """A chaos run could not proceed (a process did not start, log, or stop in time)."""
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: ``PFISettings`` fields handed to the subprocess (everything a test may have changed).
+SETTINGS_FIELDS = (
+    "home",
+    "topic_prefix",
+    "update_partitions",
+    "max_update_bytes",
+    "max_decoded_bytes",
+    "chunk_bytes",
+    "kafka_max_message_bytes",
+    "chunk_ttl_s",
+    "max_inflight_chunk_bytes",
+    "keys_file",
+    "signing_master_key",
+)
+
+#: Fast failure detection for tests: the broker's minimum session timeout is 6 s by default.
+FAST_GROUP = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "poll_timeout_ms": 100,
+    "progress_interval_s": 0.5,
+    "shutdown_timeout_s": 20,
+}
+
+_ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
+_PORT = re.compile(r"metrics on :(\d+)")
+
+
+def settings_env(settings: PFISettings, **aggregator: Any) -> dict[str, str]:
+    """The environment of a ``pfi aggregator`` subprocess that sees exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
+    env["PFI_KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap()
+    env["PFI_REDIS_URL"] = settings.redis()
+    for name in SETTINGS_FIELDS:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"PFI_{name.upper()}"] = str(value)
+    for name, value in aggregator.items():
+        if value is not None:
+            env[f"PFI_AGGREGATOR_{name.upper()}"] = str(value)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # The code of this checkout, whatever the virtual environment's editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def pfi_command(*args: str) -> list[str]:
+    """``pfi <args>`` of this virtual environment (or ``python -m services.cli <args>``)."""
+    script = Path(sys.executable).with_name("pfi")
+    if script.is_file():
+        return [str(script), *args]
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def aggregator_command() -> list[str]:
+    return pfi_command("aggregator")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when pytest dies (Linux), so no aggregator outlives a run
+    that was itself killed before its cleanup could run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class AggregatorProcess:
+    """One ``pfi aggregator`` (or other ``pfi``) subprocess; its output goes to ``log_path``."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    exit_signal: str | None = None  # how we ended it: "SIGKILL", "SIGTERM"
+    _log_file: Any = field(default=None, repr=False)
+    command: list[str] = field(default_factory=aggregator_command)  # any ``pfi`` command (serve, ...)
+
+    def start(self) -> AggregatorProcess:
+        self._log_file = self.log_path.open("ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # signals go to it alone, never to pytest
+            preexec_fn=_die_with_parent,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- observing ----------------------------------------------------------------------------
+    def assignments(self) -> list[list[int]]:
+        """Every partition assignment the process logged so far, oldest first."""
+        return [
+            [int(p) for p in m.group(1).split(",") if p.strip()] for m in _ASSIGNED.finditer(self.log_text())
+        ]
+
+    def metrics_port(self) -> int | None:
+        match = _PORT.search(self.log_text())
+        return int(match.group(1)) if match else None
+
+    async def wait_log(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:  # noqa: ASYNC109
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.log_text())
+            if match:
+                return match
+            if not self.alive():
+                raise ChaosError(f"{self.name} exited ({self.returncode()}) before logging {pattern!r}")
+            if time.monotonic() > deadline:
+                raise ChaosError(f"{self.name} did not log {pattern!r} within {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+    async def wait_assigned(
+        self,
+        timeout: float = 60.0,  # noqa: ASYNC109
+        *,
+        after: int = 0,
+        non_empty: bool = True,
+    ) -> list[int]:
+        """Wait for the ``after``-th (0-based) or a later logged assignment (non-empty unless told)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.assignments()[after:]
+            for assignment in found:
+                if assignment or not non_empty:
+                    return assignment
+            if not self.alive():
+                raise ChaosError(f"{self.name} exited ({self.returncode()}) before an assignment")
+            if time.monotonic() > deadline:
+                raise ChaosError(f"{self.name}: no partition assignment within {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+    async def wait_partitions(self, count: int, timeout: float = 60.0) -> list[int]:  # noqa: ASYNC109
+        """Wait until the latest logged assignment holds ``count`` partitions; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.assignments()
+            if found and len(found[-1]) == count:
+                return found[-1]
+            if not self.alive():
+                raise ChaosError(f"{self.name} exited ({self.returncode()}) before owning {count}")
+            if time.monotonic() > deadline:
+                raise ChaosError(f"{self.name}: assignments {found}, none of {count} within {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` as ``{"name{labels}": value}`` (unlabelled: just the name)."""
+        port = self.metrics_port()
+        assert port is not None, f"{self.name} has not logged its metrics port"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+        return out
+
+    # -- ending -------------------------------------------------------------------------------
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def kill9(self) -> None:
+        """SIGKILL (no shutdown code runs) and reap."""
+        if self.alive():
+            assert self.proc is not None
+            self.exit_signal = "SIGKILL"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        self._reap(10.0)
+
+    async def terminate(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """SIGTERM (graceful shutdown) and wait for the exit; SIGKILL if it does not come."""
+        assert self.proc is not None
+        if self.alive():
+            self.exit_signal = "SIGTERM"
+            self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if self.alive():
+            self.kill9()
+            raise ChaosError(f"{self.name} ignored SIGTERM for {timeout:.0f}s (killed)")
+        self._reap(1.0)
+        code = self.returncode()
+        assert code is not None
+        return code
+
+    def _reap(self, timeout: float) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def describe(self, tail_lines: int = 150) -> str:
+        lines = self.log_text().splitlines()
+        shown = lines[-tail_lines:]
+        head = (
+            f"===== {self.name} pid={self.proc.pid if self.proc else None} rc={self.returncode()} "
+            f"ended_by={self.exit_signal} log={self.log_path} ({len(lines)} lines"
+            f"{', last ' + str(len(shown)) if len(shown) < len(lines) else ''}) ====="
+        )
+        return "\n".join([head, *shown])
+
+
+class AggregatorFleet:
+    """Starts aggregator processes of one consumer group; remembers all of them for cleanup."""
+
+    def __init__(self, settings: PFISettings, log_dir: Path, group_id: str, **aggregator: Any) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.group_id = group_id
+        self.aggregator = {**FAST_GROUP, **aggregator}
+        self.processes: list[AggregatorProcess] = []
+
+    def start(self, name: str | None = None, **aggregator: Any) -> AggregatorProcess:
+        name = name or f"agg-{len(self.processes)}"
+        env = settings_env(
+            self.settings,
+            group_id=self.group_id,
+            port=0,
+            instance_id=name,
+            **{**self.aggregator, **aggregator},
+        )
+        process = AggregatorProcess(name, env, self.log_dir / f"{name}.log")
+        self.processes.append(process)
+        return process.start()
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            process.kill9()
+
+    def report(self, tail_lines: int = 150) -> str:
+        return "\n".join(p.describe(tail_lines) for p in self.processes)
+
+
+@contextlib.asynccontextmanager
+async def aggregator_fleet(
+    settings: PFISettings, log_dir: Path, group_id: str | None = None, **aggregator: Any
+) -> AsyncIterator[AggregatorFleet]:
+    """Yields a fleet; on exit every process still alive is SIGKILLed and every log tail printed."""
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    fleet = AggregatorFleet(settings, log_dir, group_id or f"g-{settings.topic_prefix}", **aggregator)
+    try:
+        yield fleet
+    finally:
+        fleet.kill_all()
+        print(fleet.report())
+
+
+# ------------------------------------------------------------------------------------- partitions
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the default (murmur2) partitioner picks for ``key``."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def names_on_partitions(targets: Iterable[int], partitions: int, prefix: str = "fed") -> list[str]:
+    """One fresh federation name per entry of ``targets``, each hashing to that partition."""
+    out: list[str] = []
+    for target in targets:
+        while True:
+            name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+            if partition_of(name, partitions) == target:
+                out.append(name)
+                break
+    return out
+
+
+class Timeline:
+    """Timestamped notes of a test, printed at the end (shown by pytest when the test fails)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(f"{time.monotonic() - self.started:6.1f}s {line}")
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
