@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import drop_federation
 from schemas.errors import PFIError
 from services.settings import PFISettings
 
@@ -76,15 +77,10 @@ async def _teardown(settings: PFISettings, federation: str) -> None:
     from redis.asyncio import Redis
 
     from services.stack.topics import delete_topics
-    from services.store import keys
 
     redis = Redis.from_url(settings.redis())
     try:
-        # Braces are literal in Redis glob patterns: this matches exactly this federation's keys.
-        doomed = [key async for key in redis.scan_iter(match=keys.prefix(federation) + "*")]
-        if doomed:
-            await redis.delete(*doomed)
-        await redis.srem(keys.FEDERATIONS, federation)
+        await drop_federation(redis, federation)
     finally:
         await redis.aclose()
     await delete_topics(settings, [settings.updates_topic, settings.dlq_topic, settings.versions_topic])

@@ -32,7 +32,8 @@ from services.stack.topics import delete_topics, ensure_topics
 
 T = TypeVar("T")
 
-TEST_REDIS_DB = 15
+#: The local Redis database tests use; ``PFI_TEST_REDIS_DB`` gives parallel sessions separate ones.
+TEST_REDIS_DB = int(os.environ.get("PFI_TEST_REDIS_DB", "15"))
 TEST_UPDATE_PARTITIONS = 3
 
 log = logging.getLogger("pfi.tests.stack")

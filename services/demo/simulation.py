@@ -39,6 +39,7 @@ import asyncio
 import functools
 import hashlib
 import heapq
+import math
 import random
 import time
 from collections.abc import Callable
@@ -470,29 +471,43 @@ class FleetRunner:
         self._finish(result, personal, spec)
         return result
 
-    async def run_sync(self, spec: FederationSpec) -> RunResult:
+    async def run_sync(
+        self, spec: FederationSpec, *, cohort: int | None = None, mode: str = "sync"
+    ) -> RunResult:
+        """FedAvg rounds. ``cohort`` None: every client in every round (``cfg.rounds`` rounds); else
+        ``cohort`` clients sampled per round (seeded) for as many rounds as send the same number of
+        updates; a round lasts as long as its slowest sampled client. ``spec``'s K must be the cohort."""
         fed = spec.name
-        result = RunResult("sync", fed, spec.aggregation.buffer_size)
+        size = len(self.users) if cohort is None else cohort
+        if spec.aggregation.buffer_size != size or not 1 <= size <= len(self.users):
+            raise PFIError(f"{fed}: a sync round of {size} client(s) needs K={size}")
+        result = RunResult(mode, fed, spec.aggregation.buffer_size)
         hits = self.first_rounds.hits
         personal = MemoryPersonalStore()
         total = self.cfg.rounds * len(self.users)
+        rounds = math.ceil(total / size)
         began = time.perf_counter()
         now = 0.0
         async with KafkaSender(self.settings, client_id=f"{fed}-fleet") as sender:
             clients = self._clients(fed, sender, personal)
-            self._say(result, await self._point(fed, 0, 0.0, began, result), total)
-            for round_index in range(self.cfg.rounds):
+            self._say(result, await self._point(fed, 0, 0.0, began, result), rounds * size)
+            for round_index in range(rounds):
                 done = []
-                for index, client in enumerate(clients):
+                picked = list(range(len(clients)))
+                if cohort is not None:
+                    picked = sorted(seeded_rng("cohort", self.cfg.seed, round_index).sample(picked, cohort))
+                for index in picked:
+                    client = clients[index]
                     self._start(client, round_index, now)
                     await self._train(client, result)
-                    done.append((now + self.devices.duration(client.user, round_index), index))
+                    done.append((now + self.devices.duration(client.user, client.rounds - 1), index))
                 done.sort()
                 for finished, index in done:
                     await self._publish(clients[index], finished, result)
                 now = done[-1][0]
                 await self._await_version(fed, round_index + 1, result)
-                self._say(result, await self._point(fed, round_index + 1, now, began, result), total)
+                point = await self._point(fed, round_index + 1, now, began, result)
+                self._say(result, point, rounds * size)
         result.rounds = {c.user: c.rounds for c in clients}
         result.wall_s = time.perf_counter() - began
         result.reused_first_rounds = self.first_rounds.hits - hits
