@@ -177,7 +177,7 @@ class ServeSettings(BaseSettings):
     max_batch: int = Field(default=16, ge=1, description="rows (and distinct personal adapters) per batch")
     max_batch_tokens: int = Field(default=16_384, ge=1, description="padded tokens per batch")
     adapter_slots: int = Field(
-        default=8, ge=1, description="PEFT adapter slots per merged copy (personal adapters per batch)"
+        default=8, ge=1, description="personal adapter slots per merged copy (distinct adapters per batch)"
     )
     batch_wait_ms: float = Field(
         default=2.0, ge=0, description="max linger for requests already on their way (never when idle)"

@@ -4,12 +4,12 @@ Requests are submitted as :class:`Job` objects and awaited as asyncio futures. T
 oldest job and, in the same pass, every queued job that can share its forward: same model stack (a
 global version; jobs on an old stack during a swap never mix with the new one), same kind, within the
 row / padded-token / distinct-adapter limits and, for generation, a similar token budget (a
-2-token request does not wait for a 200-token one). Different users' jobs share a batch through PEFT
-mixed-adapter batches (:mod:`.inference`). Under load, requests queue while a batch runs and the
-next pass takes them together, which is where batching pays off. On top of that the thread lingers
-up to ``linger_s`` for requests that are already *on their way* (counted by :meth:`incoming`: past
-authentication, still loading an adapter or tokenizing), never for traffic that may not come, so a
-lone request on an idle service is answered at once.
+2-token request does not wait for a 200-token one). Different users' jobs share a batch: each row is
+routed to its user's adapter slot (:mod:`.lora_slots`, :mod:`.inference`). Under load, requests
+queue while a batch runs and the next pass takes them together, which is where batching pays off.
+On top of that the thread lingers up to ``linger_s`` for requests that are already *on their way*
+(counted by :meth:`incoming`: past authentication, still loading an adapter or tokenizing), never for
+traffic that may not come, so a lone request on an idle service is answered at once.
 
 A batch that fails is retried job by job, so one bad request cannot fail its neighbours. Jobs whose
 caller gave up (future cancelled) before their batch started are skipped.

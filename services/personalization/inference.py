@@ -1,11 +1,11 @@
 """Scoring and generation on a :class:`~.stacks.ModelStack`, for a batch of rows that may belong to
 different users (model thread only).
 
-Rows carry their own personal adapter (or none); :meth:`ModelStack.bind` turns them into PEFT adapter
-names and one forward serves them all. A batch whose rows have no personal adapter runs without
-``adapter_names`` (no LoRA work at all: the global adapter is merged).
+Rows carry their own personal adapter (or none); :meth:`ModelStack.serving` binds them to slots and
+routes each row to its slot, and one forward serves them all. A batch whose rows have no personal
+adapter does no LoRA work at all (the global adapter is merged).
 
-Generation uses ``generate`` of the PEFT model (it accepts ``adapter_names`` for mixed batches) with
+Generation uses the model's ``generate`` (every decoding step keeps the batch's routing) with
 left padding, greedy decoding driven by :class:`RowSampler`, which picks every row's next token itself
 (per-row temperature, top-p and seeded generator, so a request's output does not depend on the batch it
 landed in, up to float rounding) and :class:`RowBudget`, which stops each row at its own
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.personalization.stacks import BASE_NAME, ModelStack
+from services.personalization.stacks import ModelStack
 from services.personalization.user_adapters import PersonalAdapter
 
 
@@ -63,13 +63,6 @@ class GenOut:
     finish_reason: str  # "eos" | "length"
 
 
-def _names(stack: ModelStack, adapters: Sequence[PersonalAdapter | None]) -> dict[str, Any]:
-    if stack.kind != "merged" or all(a is None for a in adapters):
-        return {}
-    names = stack.bind(adapters)
-    return {"adapter_names": names} if any(n != BASE_NAME for n in names) else {}
-
-
 def score_rows(stack: ModelStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
     """Per row: summed next-token NLL, correct argmax predictions and predicted positions."""
     length = max(len(r.ids) for r in rows)
@@ -78,14 +71,16 @@ def score_rows(stack: ModelStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
     for i, row in enumerate(rows):
         ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
         mask[i, : len(row.ids)] = 1
-    kwargs = _names(stack, [r.adapter for r in rows])
-    with torch.inference_mode():
-        logits = stack.model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, :-1].float()
+    with torch.inference_mode(), stack.serving([r.adapter for r in rows]):
+        logits = stack.model(input_ids=ids, attention_mask=mask).logits
+        # One contiguous [rows * positions, vocab] matrix: cross-entropy and argmax along its last
+        # dimension are cheaper than on the strided [rows, vocab, positions] view.
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
         target = ids[:, 1:]
         valid = mask[:, 1:].bool()
-        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        nll = F.cross_entropy(flat, target.reshape(-1), reduction="none").view_as(target)
         nll = torch.where(valid, nll, torch.zeros_like(nll)).sum(dim=1)
-        correct = ((logits.argmax(-1) == target) & valid).sum(dim=1)
+        correct = ((flat.argmax(-1).view_as(target) == target) & valid).sum(dim=1)
         count = valid.sum(dim=1)
     return [
         ScoreOut(nll_sum=float(nll[i]), correct=int(correct[i]), tokens=int(count[i]))
@@ -158,15 +153,13 @@ def generate_rows(stack: ModelStack, rows: Sequence[GenRow]) -> list[GenOut]:
         eos_token_id=tokens.eos_id,
         bos_token_id=tokens.bos_id,
     )
-    kwargs = _names(stack, [r.adapter for r in rows])
-    with torch.inference_mode():
+    with torch.inference_mode(), stack.serving([r.adapter for r in rows]):
         out = stack.model.generate(
             input_ids=ids,
             attention_mask=mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([RowSampler(rows)]),
             stopping_criteria=StoppingCriteriaList([RowBudget(length, [r.max_new_tokens for r in rows])]),
-            **kwargs,
         )
     results: list[GenOut] = []
     for i, row in enumerate(rows):

@@ -1,33 +1,33 @@
-"""Model stacks: one copy of the base weights with a global adapter merged in, wrapped by PEFT with a
-fixed pool of adapter *slots* that personal adapters are bound to per batch.
+"""Model stacks: one copy of the base weights with a global adapter merged in, whose LoRA target
+layers carry a fixed pool of personal adapter *slots* that personal adapters are bound to per batch.
 
-Merging (:func:`build_merged_stack`, run in a background thread): the base model is deep-copied with
+Merging (:func:`merge_global`, run in a background thread): the base model is deep-copied with
 every parameter and buffer *outside* the LoRA target modules shared with the pristine base (only the
-target weights, e.g. ``q_proj``/``v_proj``, are real copies), the global adapter is loaded with PEFT and
-merged into those copies (``merge_and_unload``). A merged copy therefore costs the target weights, not
-a whole model, and the pristine base is never modified.
+target weights, e.g. ``q_proj``/``v_proj``, are real copies) and the global adapter is merged into
+those copies (``W + B @ A * scaling``, as PEFT's ``merge_and_unload`` computes it, without building a
+PEFT model first, which made every hot swap slower). A merged copy therefore costs the target
+weights, not a whole model, and the pristine base is never modified.
 
-Personal adapters (PEFT mixed-adapter batches): the merged model is wrapped again with
-``get_peft_model`` and ``max_batch`` named LoRA adapters (``slot0`` ...) with the federation's config;
-none is *active*, so a forward without ``adapter_names`` is exactly base + global. To serve a batch,
-:meth:`ModelStack.bind` points each needed slot's ``lora_A``/``lora_B`` weights at a cached
-adapter's tensors (a pointer swap per target module: no copy, no allocation, no module added), and the
-forward passes ``adapter_names=[slot or "__base__" per row]``: PEFT's ``_mixed_batch_forward`` computes
-the base output for the whole batch and adds each sub-batch's own LoRA delta. Slots are reused LRU,
-so a hot user's binding survives across batches; slots whose adapter left the cache are reset to a
-shared zero adapter after each batch, so the model never keeps an evicted or deleted adapter alive.
-Because the slot count is fixed, the per-forward PEFT overhead does not grow with the number of
-cached users (adding one named adapter per cached user would add modules that every forward walks).
+Personal adapters (:mod:`.lora_slots`): every target ``Linear`` of the merged copy is wrapped by a
+:class:`~.lora_slots.SlotLoRALinear` holding ``adapter_slots`` stacked A/B matrices. To serve a batch,
+:meth:`ModelStack.bind` copies each needed adapter that is not bound yet into a free slot (least
+recently used first; a hot user's binding survives across batches) and :meth:`ModelStack.serving`
+routes rows to slots for the forward(s) inside it: one gather + two ``bmm`` per target layer, the same
+arithmetic as PEFT's mixed-adapter batches without their per-forward hook installation. Rows without
+a personal adapter get base + global only. Slots whose adapter left the cache are zeroed after each
+batch, so the model never keeps a copy of an evicted or deleted adapter. The fixed slot count bounds
+both the memory and the per-forward cost, whatever the number of cached users.
 
 Everything that touches a stack's model runs on the single model thread (:mod:`.batcher`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,9 @@ from schemas.errors import ConfigError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.models.base import BaseModel
-from services.models.lora import peft_config
+from services.personalization.lora_slots import NO_SLOT, Routing, SlotLoRALinear, wrap_targets
 from services.personalization.user_adapters import PersonalAdapter
 
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in mixed batches
 _ROOT = "base_model.model."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -97,8 +96,9 @@ def _shared_copy(model: Any, targets: set[str]) -> Any:
 
 @dataclass(eq=False)
 class ModelStack:
-    """One servable model: ``kind`` "merged" (base + global ``version`` merged, with PEFT slots) or
-    "base" (the pristine base alone; benchmarks). Fields below ``refs`` belong to the event loop."""
+    """One servable model: ``kind`` "merged" (base + global ``version`` merged, with personal LoRA
+    slots) or "base" (the pristine base alone; benchmarks). Fields below ``refs`` belong to the event
+    loop."""
 
     federation: str
     version: int
@@ -106,34 +106,42 @@ class ModelStack:
     model: Any
     tokens: Tokens
     meta: VersionMeta | None = None
-    slot_names: tuple[str, ...] = ()
+    n_slots: int = 0
     build_seconds: float = 0.0
     published_at: float | None = None  # unix time of the announcement that made us build it
     refs: int = 0
     first_served: bool = False
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
-    _blank: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
-    _bound: OrderedDict[str, PersonalAdapter | None] = field(default_factory=OrderedDict, repr=False)
+    routing: Routing = field(default_factory=Routing, repr=False)
+    # state key -> (wrapped layer, "lora_A" | "lora_B")
+    _layers: dict[str, tuple[SlotLoRALinear, str]] = field(default_factory=dict, repr=False)
+    _bound: OrderedDict[int, PersonalAdapter | None] = field(default_factory=OrderedDict, repr=False)
     binds: int = 0
 
     @property
     def slots(self) -> int:
-        return len(self.slot_names)
+        return self.n_slots
 
     # -- model thread ------------------------------------------------------------------------------
-    def _point(self, slot: str, params: Mapping[str, torch.nn.Parameter]) -> None:
-        for key, modules in self._handles.items():
-            modules[slot].weight = params[key]
+    def _load(self, slot: int, params: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, (layer, kind) in self._layers.items():
+                getattr(layer, kind)[slot].copy_(params[key])
 
-    def bind(self, adapters: Sequence[PersonalAdapter | None]) -> list[str]:
-        """Adapter names per row (``__base__`` for rows without a personal adapter), binding slots."""
+    def _clear(self, slot: int) -> None:
+        with torch.no_grad():
+            for layer, kind in self._layers.values():
+                getattr(layer, kind)[slot].zero_()
+
+    def bind(self, adapters: Sequence[PersonalAdapter | None]) -> list[int]:
+        """The slot of each row (``NO_SLOT`` for rows without a personal adapter), loading adapters
+        that are not bound yet into the least recently used slots (a copy of their A/B tensors)."""
         wanted: list[PersonalAdapter] = []
         for adapter in adapters:
             if adapter is not None and not any(adapter is w for w in wanted):
                 wanted.append(adapter)
         if len(wanted) > self.slots:
             raise RuntimeError(f"{len(wanted)} personal adapters in one batch, {self.slots} slots")
-        slot_of: dict[int, str] = {}
+        slot_of: dict[int, int] = {}
         for slot, bound in self._bound.items():
             if bound is not None and any(bound is w for w in wanted):
                 slot_of[id(bound)] = slot
@@ -144,22 +152,63 @@ class ModelStack:
                 continue
             used = set(slot_of.values())
             slot = next(s for s in self._bound if s not in used)
-            self._point(slot, adapter.params)
+            self._load(slot, adapter.params)
             self._bound[slot] = adapter
             self._bound.move_to_end(slot)
             slot_of[id(adapter)] = slot
             self.binds += 1
-        return [BASE_NAME if a is None else slot_of[id(a)] for a in adapters]
+        return [NO_SLOT if a is None else slot_of[id(a)] for a in adapters]
+
+    @contextlib.contextmanager
+    def serving(self, adapters: Sequence[PersonalAdapter | None]) -> Iterator[None]:
+        """Forwards inside the block serve row ``i`` with ``adapters[i]`` (None: base + global)."""
+        if self.kind != "merged" or all(a is None for a in adapters):
+            yield
+            return
+        with self.routing.route(self.bind(adapters)):
+            yield
 
     def release_evicted(self) -> None:
-        """Reset slots whose adapter left the cache (evicted, replaced or deleted) to zeros."""
+        """Zero the slots whose adapter left the cache (evicted, replaced or deleted)."""
         for slot, bound in self._bound.items():
             if bound is not None and bound.evicted:
-                self._point(slot, self._blank)
+                self._clear(slot)
                 self._bound[slot] = None
 
     def bound_adapters(self) -> list[PersonalAdapter]:
         return [a for a in self._bound.values() if a is not None]
+
+
+def merge_global(base: BaseModel, spec: FederationSpec, global_state: Mapping[str, torch.Tensor]) -> Any:
+    """A copy of the base model with ``global_state`` merged into its LoRA target weights (only those
+    are new tensors; everything else is shared with ``base``): ``W + (B @ A) * alpha / r`` per target,
+    the arithmetic of PEFT's ``merge_and_unload``. CPU work (a few ms per target); ``base`` is only
+    read."""
+    paths = target_paths(global_state)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, (path, kind) in paths.items():
+        pairs.setdefault(path.removeprefix(_ROOT), {})[kind] = global_state[key]
+    scaling = spec.lora.alpha / spec.lora.rank  # PEFT's scaling without rslora (see models.lora)
+    with torch.inference_mode(False), torch.no_grad():
+        model = _shared_copy(base.model, set(pairs))
+        for name, pair in pairs.items():
+            layer = model.get_submodule(name)
+            if not isinstance(layer, torch.nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
+                raise ConfigError(f"global adapter: {name!r} is not a Linear with both lora_A and lora_B")
+            a = pair["lora_A"].to(layer.weight.dtype)
+            b = pair["lora_B"].to(layer.weight.dtype)
+            if (
+                a.shape[1] != layer.in_features
+                or b.shape[0] != layer.out_features
+                or a.shape[0] != b.shape[1]
+            ):
+                raise ConfigError(
+                    f"global adapter: {name!r} A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                    f"a Linear {layer.in_features} -> {layer.out_features}"
+                )
+            layer.weight += (b @ a) * scaling
+    model.eval()
+    return model
 
 
 def build_merged_stack(
@@ -171,48 +220,35 @@ def build_merged_stack(
     slots: int,
     meta: VersionMeta | None = None,
 ) -> ModelStack:
-    """Merge ``global_state`` into a (mostly shared) copy of the base and add ``slots`` PEFT slots.
-    CPU-heavy: run it off the event loop. The pristine ``base`` is only read."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
+    """Merge ``global_state`` into a (mostly shared) copy of the base and wrap its LoRA targets with
+    ``slots`` personal adapter slots. CPU-heavy: run it off the event loop."""
     started = time.perf_counter()
     paths = target_paths(global_state)
-    modules = {path.removeprefix(_ROOT) for path, _ in paths.values()}
-    config = peft_config(spec.lora)
+    merged = merge_global(base, spec, global_state)
+    lora = spec.lora
     with torch.inference_mode(False), torch.no_grad():
-        model = _shared_copy(base.model, modules)
-        wrapped = get_peft_model(model, config, adapter_name="global")
-        result: Any = set_peft_model_state_dict(wrapped, dict(global_state), adapter_name="global")
-        if result.unexpected_keys:
-            raise ConfigError(f"global adapter v{version}: PEFT did not place {result.unexpected_keys[:3]}")
-        merged = wrapped.merge_and_unload()
-        names = tuple(f"slot{i}" for i in range(slots))
-        serving = get_peft_model(merged, peft_config(spec.lora), adapter_name=names[0])
-        for name in names[1:]:
-            serving.add_adapter(name, peft_config(spec.lora))
-        serving.base_model.set_adapter([])  # nothing active: a plain forward is base + global
-        serving.eval()
-        for param in serving.parameters():
+        for param in merged.parameters():
             param.requires_grad_(False)
-        handles = {key: getattr(serving.get_submodule(path), kind) for key, (path, kind) in paths.items()}
-        blank = {
-            key: torch.nn.Parameter(torch.zeros_like(t, dtype=torch.float32), requires_grad=False)
-            for key, t in global_state.items()
-        }
+        routing, layers = wrap_targets(
+            merged,
+            sorted({path.removeprefix(_ROOT) for path, _ in paths.values()}),
+            slots=slots,
+            rank=lora.rank,
+            scaling=lora.alpha / lora.rank,  # PEFT's scaling without rslora (see models.lora)
+        )
     stack = ModelStack(
         federation=spec.name,
         version=version,
         kind="merged",
-        model=serving,
+        model=merged,
         tokens=Tokens(base.tokenizer, _max_positions(base.model)),
         meta=meta,
-        slot_names=names,
-        _handles=handles,
-        _blank=blank,
+        n_slots=slots,
+        routing=routing,
+        _layers={key: (layers[path.removeprefix(_ROOT)], kind) for key, (path, kind) in paths.items()},
     )
-    for name in names:
-        stack._point(name, blank)
-        stack._bound[name] = None
+    for slot in range(slots):
+        stack._bound[slot] = None
     stack.build_seconds = time.perf_counter() - started
     return stack
 
