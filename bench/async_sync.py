@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import shutil
 import tempfile
@@ -34,7 +33,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.common import RESULTS_DIR, SHAKESPEARE, BenchError, ratio_lines, say, write_result
+from bench.common import (
+    RESULTS_DIR,
+    SHAKESPEARE,
+    BenchError,
+    ratio_lines,
+    register_benchmark,
+    save_with_plot,
+    say,
+)
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo import evaluation
 from services.demo.config import DemoConfig
@@ -44,6 +51,7 @@ from services.federation.admin import create_federation
 from services.models.base import TINY_LLAMA, load_base_model
 from services.store.versions import VersionStore
 
+SUMMARY = "time to the same loss: async FedBuff vs sync FedAvg (all clients, and K sampled)"
 NAME = "async-sync"
 GOALS = {"async_vs_sync": ">= 3"}
 RUNS = ("sync", "sync_k", "async")
@@ -265,9 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return await AsyncSyncBench(cfg, echo=echo, command="pfi bench async-sync").run()
 
     result = asyncio.run(main())
-    out = write_result(NAME, result, args.out)
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    write_result(NAME, result, out)
+    save_with_plot(NAME, result, args.out, plot)
     return result
 
 
@@ -297,15 +303,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
 
 
-def command(args: argparse.Namespace) -> int:
-    result = run(args)
-    print(json.dumps(result, indent=2, default=str) if args.json else table(result))
-    return 0
-
-
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        NAME, help="time to the same loss: async FedBuff vs sync FedAvg (all clients, and K sampled)"
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=command)
+    register_benchmark(subparsers, NAME, SUMMARY, add_arguments, run, table)

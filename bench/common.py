@@ -6,10 +6,11 @@ holding at least ``benchmark`` and a ``ratios`` object (numbers a reader or CI c
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,33 @@ async def drop_federation(redis: Any, name: str) -> None:
     if doomed:
         await redis.delete(*doomed)
     await redis.srem(keys.FEDERATIONS, name)
+
+
+def save_with_plot(
+    name: str, result: dict[str, Any], out: str | Path | None, plot: Callable[[dict[str, Any], Path], Path]
+) -> Path:
+    """Write the JSON, draw the PNG next to it (``result["plot"]``), write the JSON again with its path."""
+    target = write_result(name, result, out)
+    result["plot"] = str(plot(result, target.with_suffix(".png")))
+    write_result(name, result, target)
+    return target
+
+
+def register_benchmark(
+    subparsers: Any,
+    name: str,
+    summary: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+) -> None:
+    """``pfi bench <name>``: parse, ``run``, print ``table(result)`` (or the JSON with ``--json``)."""
+
+    def command(args: argparse.Namespace) -> int:
+        result = run(args)
+        print(json.dumps(result, indent=2, default=str) if args.json else table(result))
+        return 0
+
+    parser = subparsers.add_parser(name, help=summary)
+    add_arguments(parser)
+    parser.set_defaults(func=command)

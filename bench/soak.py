@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import secrets
@@ -36,7 +35,7 @@ import httpx
 import torch
 from redis.asyncio import Redis
 
-from bench.common import BenchError, drop_federation, ratio_lines, say, write_result
+from bench.common import BenchError, drop_federation, ratio_lines, register_benchmark, save_with_plot, say
 from clients.updates import UpdateProducer, build_update
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
@@ -48,6 +47,7 @@ from services.stack.topics import delete_topics, ensure_topics
 from services.store.versions import VersionStore
 from services.versions_codec import BLOB_ENCODING
 
+SUMMARY = "steady update rate for --minutes: RSS growth of each service, lag"
 NAME = "soak"
 GOALS = {"rss_growth_aggregator": "<= 0.1", "rss_growth_serve": "<= 0.1"}
 LAG_METRIC = "pfi_aggregator_consumer_lag_messages"
@@ -357,21 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.rate <= 0 or args.request_rate <= 0 or args.minutes <= 0:
         raise BenchError("--rate, --request-rate and --minutes must be > 0")
     result = asyncio.run(Soak(args).run())
-    out = write_result(NAME, result, args.out)
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    write_result(NAME, result, out)
+    save_with_plot(NAME, result, args.out, plot)
     return result
 
 
-def command(args: argparse.Namespace) -> int:
-    result = run(args)
-    print(json.dumps(result, indent=2, default=str) if args.json else table(result))
-    return 0
-
-
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        NAME, help="steady update rate for --minutes: RSS growth of each service, lag"
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=command)
+    register_benchmark(subparsers, NAME, SUMMARY, add_arguments, run, table)

@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -33,6 +32,7 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from bench.common import BenchError
+from services.demo.processes import child_env, die_with_parent, pfi_command
 from services.settings import PFISettings
 
 
@@ -41,21 +41,6 @@ class ChaosError(BenchError, AssertionError):
 
 
 ROOT = Path(__file__).resolve().parents[2]
-
-#: ``PFISettings`` fields handed to the subprocess (everything a test may have changed).
-SETTINGS_FIELDS = (
-    "home",
-    "topic_prefix",
-    "update_partitions",
-    "max_update_bytes",
-    "max_decoded_bytes",
-    "chunk_bytes",
-    "kafka_max_message_bytes",
-    "chunk_ttl_s",
-    "max_inflight_chunk_bytes",
-    "keys_file",
-    "signing_master_key",
-)
 
 #: Fast failure detection for tests: the broker's minimum session timeout is 6 s by default.
 FAST_GROUP = {
@@ -72,42 +57,12 @@ _PORT = re.compile(r"metrics on :(\d+)")
 
 def settings_env(settings: PFISettings, **aggregator: Any) -> dict[str, str]:
     """The environment of a ``pfi aggregator`` subprocess that sees exactly ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
-    env["PFI_KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap()
-    env["PFI_REDIS_URL"] = settings.redis()
-    for name in SETTINGS_FIELDS:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"PFI_{name.upper()}"] = str(value)
-    for name, value in aggregator.items():
-        if value is not None:
-            env[f"PFI_AGGREGATOR_{name.upper()}"] = str(value)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # The code of this checkout, whatever the virtual environment's editable install points at.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
-
-
-def pfi_command(*args: str) -> list[str]:
-    """``pfi <args>`` of this virtual environment (or ``python -m services.cli <args>``)."""
-    script = Path(sys.executable).with_name("pfi")
-    if script.is_file():
-        return [str(script), *args]
-    return [sys.executable, "-m", "services.cli", *args]
+    extra = {f"PFI_AGGREGATOR_{k.upper()}": str(v) for k, v in aggregator.items() if v is not None}
+    return child_env(settings, **extra)
 
 
 def aggregator_command() -> list[str]:
     return pfi_command("aggregator")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when pytest dies (Linux), so no aggregator outlives a run
-    that was itself killed before its cleanup could run."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -134,7 +89,7 @@ class AggregatorProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # signals go to it alone, never to pytest
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         return self
 

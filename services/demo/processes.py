@@ -24,7 +24,7 @@ from schemas.errors import PFIError
 from services.demo.config import REPO_ROOT
 from services.settings import PFISettings
 
-#: ``PFISettings`` fields handed to the children (everything the demo may have set).
+#: ``PFISettings`` fields handed to the children (everything the demo, a benchmark or a test may set).
 SETTINGS_FIELDS = (
     "home",
     "topic_prefix",
@@ -33,6 +33,8 @@ SETTINGS_FIELDS = (
     "max_decoded_bytes",
     "chunk_bytes",
     "kafka_max_message_bytes",
+    "chunk_ttl_s",
+    "max_inflight_chunk_bytes",
     "keys_file",
     "signing_master_key",
 )
@@ -70,7 +72,9 @@ def pfi_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", *args]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """In the child before exec: SIGKILL it when its parent dies (Linux), so no service outlives a
+    run that was itself killed before its clean-up could run."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -103,7 +107,7 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         return self
 

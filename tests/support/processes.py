@@ -21,7 +21,6 @@ from bench.chaos.ledger import ENCODINGS
 from bench.chaos.processes import (
     FAST_GROUP,
     ROOT,
-    SETTINGS_FIELDS,
     AggregatorFleet,
     AggregatorProcess,
     Timeline,
@@ -39,7 +38,6 @@ __all__ = [
     "ENCODINGS",
     "FAST_GROUP",
     "ROOT",
-    "SETTINGS_FIELDS",
     "AggregatorFleet",
     "AggregatorProcess",
     "Audit",
