@@ -340,3 +340,30 @@ async def test_corrupt_outbox_files_are_moved_aside(tmp_path: Path) -> None:
     assert not good.path.exists()
     assert (directory / "corrupt" / truncated.path.name).exists()
     assert len(reopened) == 0
+
+
+def test_files_sent_while_listing_are_skipped_not_errors(tmp_path: Path) -> None:
+    """put() and pending() run beside a drain that removes sent files: a file listed by glob may be gone
+    by the time it is opened or stat'ed (one spurious FileNotFoundError in 1000 rounds of a fleet)."""
+    outbox = Outbox(tmp_path / "outbox")
+    kept = outbox.put("u-kept", "fed", [b"frame"])
+    ghost = tmp_path / "outbox" / "00000000000000000001-u-ghost.obx"  # listed, then removed
+
+    class Listing:
+        def __init__(self, real: Path) -> None:
+            self.real = real
+
+        def glob(self, pattern: str) -> list[Path]:
+            return [ghost, *self.real.glob(pattern)]
+
+        def __truediv__(self, other: str) -> Path:
+            return self.real / other
+
+        def __fspath__(self) -> str:
+            return str(self.real)
+
+    outbox.directory = Listing(outbox.directory)  # type: ignore[assignment]
+    assert outbox.size_bytes() == kept.size
+    assert [item.update_id for item in outbox.pending()] == ["u-kept"]
+    assert not (tmp_path / "outbox" / "corrupt" / ghost.name).exists()  # not mistaken for corrupt
+    outbox.put("u-next", "fed", [b"frame"])  # the bound check stat()s every listed file
