@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 
 from bench.chaos.ledger import create_federations, random_delta
 from bench.chaos.processes import AggregatorProcess, ChaosError, settings_env
-from bench.chaos.stack import ChaosStack, free_ports
+from bench.chaos.stack import ChaosStack
 from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
-from services.demo.processes import pfi_command
+from services.demo.processes import free_ports, pfi_command
 from services.federation.admin import commit_state
 from services.personalization.auth import TokenSigner
 from services.store.versions import VersionStore

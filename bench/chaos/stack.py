@@ -10,32 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.demo.processes import free_ports
 from services.settings import PFISettings
 from services.stack import manager
 from services.stack.topics import ensure_topics
 
 Echo = Callable[[str], None]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free right now (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @dataclass

@@ -50,6 +50,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free right now (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def child_env(settings: PFISettings, **extra: str) -> dict[str, str]:
     """The environment of a child that sees exactly ``settings`` (plus ``extra``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}

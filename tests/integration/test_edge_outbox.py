@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from clients.outbox import MAGIC, Outbox, OutboxFull
 from clients.source import RedisGlobalSource
 from clients.training import AdapterTrainer, TrainConfig
 from schemas.frame import decode_frame
+from services.demo.processes import free_ports
 from services.federation.admin import federation_status
 from services.models.base import TINY_LLAMA, load_base_model
 from services.settings import EdgeSettings, PFISettings
@@ -48,19 +48,6 @@ def user_data(user: str) -> UserData:
         f"{user} says line {i}: the quick brown fox jumps over the lazy dog." for i in range(30)
     )
     return UserData.from_text(user, text)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, Unknown
 from redis.asyncio import Redis
 
 from schemas.errors import StackError
+from services.demo.processes import free_ports
 from services.settings import MIB, PFISettings
 from services.stack import broker, manager
 from services.stack.topics import (
@@ -250,21 +250,8 @@ async def test_redis_set_get_and_lua(redis_client: Redis) -> None:
 # --------------------------------------------------------------------------------- a second stack
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _second_stack(tmp_path: Path) -> PFISettings:
-    kafka_port, controller_port, redis_port = _free_ports(3)
+    kafka_port, controller_port, redis_port = free_ports(3)
     settings = PFISettings(
         home=tmp_path / "pfi",
         kafka_bootstrap_servers=None,
@@ -347,7 +334,7 @@ async def test_external_services_are_only_checked(stack: manager.StackStatus, tm
 
 
 async def test_unreachable_external_kafka_fails_with_clear_error(tmp_path: Path) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     settings = PFISettings(
         home=tmp_path / "ext", kafka_bootstrap_servers=f"127.0.0.1:{port}", redis_url=PFISettings().redis()
     )
