@@ -59,10 +59,11 @@ def sha256_hex(data: bytes) -> str:
 
 def state_l2_norm(state: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over every tensor of ``state`` (accumulated in float64; NaN/inf propagate)."""
-    if not state:
-        return 0.0
-    norms = torch._foreach_norm([t.detach() for t in state.values()], 2, dtype=torch.float64)
-    return math.sqrt(float(torch.stack(norms).square().sum()))
+    total = 0.0
+    for tensor in state.values():
+        norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+        total += norm * norm
+    return math.sqrt(total)
 
 
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:

@@ -97,14 +97,16 @@ def _validate(global_state: StateDict, buffer: Sequence[BufferedUpdate]) -> None
 
 
 def _weighted_mean(global_state: StateDict, deltas: Sequence[StateDict], coefs: Sequence[float]) -> StateDict:
-    keys = [k for k in global_state if any(k in d for d in deltas)]
-    acc = [torch.zeros(global_state[k].shape, dtype=torch.float32) for k in keys]
-    for d, c in zip(deltas, coefs, strict=True):
-        # One multi-tensor add per update (not one add per tensor) over the keys it carries.
-        pairs = [(a, d[k]) for a, k in zip(acc, keys, strict=True) if k in d]
-        if pairs:
-            torch._foreach_add_([a for a, _ in pairs], [t.to(torch.float32) for _, t in pairs], alpha=c)
-    return dict(zip(keys, acc, strict=True))
+    out: StateDict = {}
+    for key, ref in global_state.items():
+        if not any(key in d for d in deltas):
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float32)
+        for d, c in zip(deltas, coefs, strict=True):
+            if key in d:
+                acc.add_(d[key].to(torch.float32), alpha=c)
+        out[key] = acc
+    return out
 
 
 def _robust(
