@@ -87,15 +87,16 @@ class Ledger:
 
 @dataclass(frozen=True)
 class ChaosClient:
-    """An edge client with a registered HMAC key; builds signed updates."""
+    """An edge client with a registered HMAC key; builds signed updates (the tests' ``Client`` too)."""
 
     spec: FederationSpec
     client_id: str
     key: bytes
 
     def update(
-        self, delta: dict[str, torch.Tensor], *, base_version: int, num_samples: int, encoding: TensorEncoding
+        self, delta: dict[str, torch.Tensor], base_version: int = 0, num_samples: int = 10, **kw: Any
     ) -> Envelope[AdapterUpdate]:
+        """``kw``: the other arguments of :func:`clients.updates.build_update` (encoding, update_id...)."""
         return build_update(
             federation=self.spec.name,
             client_id=self.client_id,
@@ -104,7 +105,7 @@ class ChaosClient:
             num_samples=num_samples,
             delta=delta,
             key=self.key,
-            encoding=encoding,
+            **kw,
         )
 
 

@@ -12,7 +12,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer, build_update, update_messages
+from bench.chaos.ledger import ChaosClient
+from clients.updates import UpdateProducer, update_messages
 from schemas.codec import decode_tensors
 from schemas.events import AggregationSpec, Envelope, FederationSpec, LoraSpec, canonical_json
 from schemas.frame import MAGIC, decode_frame
@@ -60,27 +61,7 @@ def random_delta(
     return {k: torch.randn(s, generator=gen) * scale for k, s in shapes.items()}
 
 
-class Client:
-    """A test edge client: registered key, builds signed updates."""
-
-    def __init__(self, spec: FederationSpec, client_id: str, key: bytes) -> None:
-        self.spec = spec
-        self.client_id = client_id
-        self.key = key
-
-    def update(
-        self, delta: dict[str, torch.Tensor], base_version: int = 0, num_samples: int = 10, **kw: Any
-    ) -> Envelope[Any]:
-        return build_update(
-            federation=self.spec.name,
-            client_id=self.client_id,
-            spec_fingerprint=self.spec.fingerprint(),
-            base_version=base_version,
-            num_samples=num_samples,
-            delta=delta,
-            key=self.key,
-            **kw,
-        )
+Client = ChaosClient  # a registered key that builds signed updates
 
 
 async def new_client(redis: Redis, spec: FederationSpec, client_id: str | None = None) -> Client:
