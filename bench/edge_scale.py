@@ -56,7 +56,7 @@ async def _setup(settings: PFISettings, federation: str) -> None:
 
     from schemas.events import FederationSpec, LoraSpec
     from services.federation.admin import create_federation
-    from services.models.base import TINY_LLAMA
+    from modeling.base import TINY_LLAMA
     from services.stack.topics import ensure_topics
     from services.store.versions import VersionStore
 

@@ -44,11 +44,11 @@ from bench.serving_setup import MODELS, SMOLLM2, create, drop, load_model, loade
 from bench.serving_throughput import throughput
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec, LoraSpec
-from services.models.base import TINY_LLAMA
+from modeling.base import TINY_LLAMA
 from services.personalization.harness import serving
 from services.settings import MIB, PFISettings, ServeSettings
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 NAME = "serving"
 GOALS = {"p50_vs_base": "<= 1.15", "throughput_vs_per_request_load": ">= 10", "freshness_p99_s": "<= 2"}

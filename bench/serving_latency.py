@@ -17,7 +17,7 @@ from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
 from services.personalization.harness import Harness
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 
 async def latency(h: Harness, fed: str, rounds: int, new_tokens: int) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from bench.common import BenchError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.federation.admin import commit_state
-from services.models.base import TINY_CONFIG, TINY_LLAMA, BaseModel, ByteTokenizer, load_base_model
-from services.models.lora import init_adapter
+from modeling.base import TINY_CONFIG, TINY_LLAMA, BaseModel, ByteTokenizer, load_base_model
+from modeling.lora import init_adapter
 from services.store import keys
 from services.store.versions import VersionStore
 

@@ -21,13 +21,13 @@ from bench.common import BenchError
 from bench.serving_setup import SHORT, TEXT, loader_of, personal
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec
-from services.models.base import BaseModel
-from services.models.lora import peft_config
+from modeling.base import BaseModel
+from modeling.lora import peft_config
 from services.personalization.harness import serving
 from services.personalization.stacks import merge_global
 from services.settings import PFISettings, ServeSettings
 from services.store import keys
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 
 async def drive(

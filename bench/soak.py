@@ -40,12 +40,12 @@ from clients.updates import UpdateProducer, build_update
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.federation.admin import create_federation, federation_status, register_client
-from services.models.base import TINY_LLAMA
+from modeling.base import TINY_LLAMA
 from services.personalization.auth import TokenSigner
 from services.settings import PFISettings
 from services.stack.topics import delete_topics, ensure_topics
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 SUMMARY = "steady update rate for --minutes: RSS growth of each service, lag"
 NAME = "soak"

@@ -140,7 +140,7 @@ async def _run(args: argparse.Namespace) -> int:
     from clients.progress import Progress
     from clients.source import GlobalSource, RedisGlobalSource
     from clients.training import AdapterTrainer
-    from services.models.base import load_base_model
+    from modeling.base import load_base_model
 
     settings, edge = PFISettings(), EdgeSettings()
     if args.rounds < 1:

@@ -50,7 +50,7 @@ class UserData:
     def num_samples(self, seq_len: int, tokenizer: Any | None = None) -> int:
         """Number of packed training sequences of ``seq_len`` tokens (``tokenizer`` defaults to bytes)."""
         if tokenizer is None:
-            from services.models.base import ByteTokenizer
+            from modeling.base import ByteTokenizer
 
             tokenizer = ByteTokenizer()
         return int(pack_sequences(tokenize(tokenizer, self.train_text), seq_len).shape[0])
@@ -199,7 +199,7 @@ def split_user_text(text: str, *, heldout_fraction: float = 0.1, seed: str) -> t
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` with the tokenizer's default special tokens (BOS for both the
-    :class:`~services.models.base.ByteTokenizer` and typical Hugging Face tokenizers)."""
+    :class:`~modeling.base.ByteTokenizer` and typical Hugging Face tokenizers)."""
     ids = tokenizer.encode(text)
     if isinstance(ids, torch.Tensor):
         ids = ids.flatten().tolist()

@@ -304,7 +304,7 @@ async def simulate(
 ) -> SimulationSummary:
     """Run the fleet; see the module doc. Raises :class:`SpecMismatchError` / :class:`ConfigError` for
     a run that cannot start (or a federation whose spec changed under it)."""
-    from services.models.base import load_base_model
+    from modeling.base import load_base_model
 
     settings = settings or PFISettings()
     edge = edge or EdgeSettings()

@@ -21,7 +21,7 @@ import torch
 from clients.source import GlobalAdapter, GlobalSource, SourceError
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec, TensorEncoding
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 
 def _message(response: httpx.Response) -> str:

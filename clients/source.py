@@ -19,7 +19,7 @@ from schemas.codec import decode_tensors
 from schemas.errors import PFIError
 from schemas.events import FederationSpec
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 StateDict = dict[str, torch.Tensor]
 

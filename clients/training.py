@@ -5,7 +5,7 @@ One :class:`AdapterTrainer` per process (or per worker thread) wraps the frozen 
 user's adapters into the slots, trains or evaluates, and reads them back, so any number of virtual
 users share one base model in memory and only their adapters are per user.
 
-Adapters are exchanged as state dicts keyed like :func:`services.models.lora.init_adapter` (PEFT's
+Adapters are exchanged as state dicts keyed like :func:`modeling.lora.init_adapter` (PEFT's
 ``get_peft_model_state_dict`` keys, without the adapter name). Both slots are active during training
 (``LoraModel.set_adapter(["shared", "personal"])``): each LoRA layer adds both adapters' outputs.
 
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from clients.data import UserData, pack_sequences, tokenize
 from schemas.errors import ConfigError
 from schemas.events import FederationSpec
-from services.models.base import BaseModel
-from services.models.lora import StateDict, peft_config
+from modeling.base import BaseModel
+from modeling.lora import StateDict, peft_config
 
 SHARED = "shared"
 PERSONAL = "personal"
@@ -105,7 +105,7 @@ class AdapterTrainer:
     """Trains and evaluates users' shared + personal adapters on one PEFT-wrapped base model.
 
     The base model is wrapped in place (PEFT injects LoRA layers into ``base.model``); its own weights
-    are never trained. Compute :func:`~services.models.lora.init_adapter` from an unwrapped model.
+    are never trained. Compute :func:`~modeling.lora.init_adapter` from an unwrapped model.
     """
 
     def __init__(self, base: BaseModel, spec: FederationSpec) -> None:

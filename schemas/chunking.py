@@ -39,13 +39,24 @@ UploadKey = tuple[str, str, str]
 
 
 def split_frame(
-    frame: bytes, *, federation: str, client_id: str, update_id: str, chunk_bytes: int, source: str
+    frame: bytes,
+    *,
+    federation: str,
+    client_id: str,
+    update_id: str,
+    chunk_bytes: int,
+    source: str,
+    key: bytes | None = None,
 ) -> list[bytes]:
     """``[frame]`` when it fits in ``chunk_bytes``; else framed ``AdapterUpdateChunk`` messages, in order.
 
     Chunk event ids are derived from the frame digest and the index, so re-splitting the same
-    frame yields the same ids (``source`` + ``id`` is the idempotency key).
+    frame yields the same ids (``source`` + ``id`` is the idempotency key). With ``key`` (the client's
+    signing key) every chunk is signed (:func:`schemas.signing.sign_chunk`); verifiers refuse unsigned
+    chunks.
     """
+    from schemas.signing import sign_chunk  # signing imports this module's siblings, not this one
+
     if chunk_bytes < 1:
         raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if len(frame) <= chunk_bytes:
@@ -68,7 +79,10 @@ def split_frame(
             payload=piece,
         )
         event_id = hashlib.sha256(f"{total_sha}:{index}:{count}".encode()).hexdigest()[:32]
-        out.append(encode_frame(make_envelope(chunk, source=source, subject=update_id, event_id=event_id)))
+        envelope = make_envelope(chunk, source=source, subject=update_id, event_id=event_id)
+        if key is not None:
+            envelope = sign_chunk(envelope, key)
+        out.append(encode_frame(envelope))
     return out
 
 

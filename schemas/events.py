@@ -156,6 +156,9 @@ class AdapterUpdateChunk(Event):
     total_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     chunk_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     payload: bytes = Field(repr=False)
+    # HMAC-SHA256 by the client's key over the chunk's envelope (payload covered by ``chunk_sha256``):
+    # every chunk is authenticated before a reassembler buffers any of it (see ``schemas.signing``).
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class GlobalVersionPublished(Event):

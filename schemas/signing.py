@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas.errors import ConfigError, SignatureError
-from schemas.events import AdapterUpdate, Envelope, canonical_json
+from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +144,12 @@ class RedisKeyStore:
         return self._keys.get(client_id)
 
 
-def canonical_signing_bytes(envelope: Envelope[AdapterUpdate]) -> bytes:
-    """The bytes an update's HMAC covers (see the module docstring)."""
+def canonical_signing_bytes(envelope: Envelope[AdapterUpdate] | Envelope[AdapterUpdateChunk]) -> bytes:
+    """The bytes an update's (or a chunk's) HMAC covers (see the module docstring)."""
     return canonical_json(envelope.model_dump(mode="json", exclude={"data": {"signature", "payload"}}))
 
 
-def _mac(envelope: Envelope[AdapterUpdate], key: bytes) -> str:
+def _mac(envelope: Envelope[AdapterUpdate] | Envelope[AdapterUpdateChunk], key: bytes) -> str:
     return hmac.new(key, canonical_signing_bytes(envelope), hashlib.sha256).hexdigest()
 
 
@@ -186,3 +186,34 @@ def verify_update(
         _check_payload(envelope)
     if not hmac.compare_digest(_mac(envelope, key).encode(), data.signature.encode()):
         raise SignatureError(f"bad signature on update {data.update_id}")
+
+
+def sign_chunk(envelope: Envelope[AdapterUpdateChunk], key: bytes) -> Envelope[AdapterUpdateChunk]:
+    """A copy of a chunk envelope signed with the client's key: HMAC-SHA256 over the canonical envelope
+    without ``payload`` and ``signature``; the payload is covered by ``chunk_sha256``."""
+    data = envelope.data
+    if not isinstance(data, AdapterUpdateChunk):
+        raise SignatureError(f"sign_chunk signs chunks, not {type(data).__name__}")
+    if hashlib.sha256(data.payload).hexdigest() != data.chunk_sha256:
+        raise SignatureError("chunk_sha256 does not match the chunk payload")
+    signed = data.model_copy(update={"signature": _mac(envelope, key)})
+    return envelope.model_copy(update={"data": signed})
+
+
+def verify_chunk(
+    envelope: Envelope[AdapterUpdateChunk], keys: KeyStore, *, payload_verified: bool = False
+) -> None:
+    """Raise :class:`SignatureError` unless the chunk is signed by its claimed client's key (and, unless
+    ``payload_verified``, its payload matches ``chunk_sha256``). Cheap: the HMAC covers a small header."""
+    data = envelope.data
+    if not isinstance(data, AdapterUpdateChunk):
+        raise SignatureError(f"verify_chunk verifies chunks, not {type(data).__name__}")
+    if not data.signature:
+        raise SignatureError(f"chunk {data.index} of update {data.update_id} carries no signature")
+    key = keys.get(data.client_id)
+    if key is None:
+        raise SignatureError(f"no key for client {data.client_id!r}")
+    if not payload_verified and hashlib.sha256(data.payload).hexdigest() != data.chunk_sha256:
+        raise SignatureError("chunk_sha256 does not match the chunk payload")
+    if not hmac.compare_digest(_mac(envelope, key).encode(), data.signature.encode()):
+        raise SignatureError(f"bad signature on chunk {data.index} of update {data.update_id}")

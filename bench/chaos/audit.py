@@ -27,7 +27,7 @@ from services.federation.admin import federation_status
 from services.settings import PFISettings
 from services.stack.topics import DLQ_PARTITIONS
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 
 @dataclass

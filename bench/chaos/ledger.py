@@ -24,10 +24,10 @@ from clients.updates import UpdateProducer, build_update
 from schemas.codec import decode_tensors
 from schemas.events import AdapterUpdate, AggregationSpec, Envelope, FederationSpec, LoraSpec, TensorEncoding
 from services.federation.admin import create_federation, register_client
-from services.models.base import TINY_LLAMA
+from modeling.base import TINY_LLAMA
 from services.settings import PFISettings
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 #: Update encodings the streams cycle through; with ``chunk_bytes=4096`` on the tiny adapter they travel
 #: as 3, 2, 2 and 1 Kafka message(s) respectively.

@@ -28,7 +28,7 @@ from services.demo.processes import free_ports, pfi_command
 from services.federation.admin import commit_state
 from services.personalization.auth import TokenSigner
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 Echo = Callable[[str], None]
 TEXT = "Now is the winter of our discontent made glorious summer."

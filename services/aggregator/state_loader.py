@@ -14,7 +14,7 @@ from services.aggregator.runtime import FederationRuntime, PartitionMarks, Posit
 from services.settings import PFISettings
 from services.store.keys import hwm_field, offset_field
 from services.store.versions import StoreError, VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 RunCpu = Callable[..., Awaitable[Any]]
 

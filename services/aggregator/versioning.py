@@ -22,7 +22,7 @@ from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import BufferedInfo, FederationRuntime
 from services.aggregator.validation import StateDict
 from services.store.versions import VersionCommit, VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 log = logging.getLogger("pfi.aggregator")
 RunCpu = Callable[..., Awaitable[Any]]

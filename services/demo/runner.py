@@ -47,7 +47,7 @@ from services.demo.config import DemoConfig
 from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.demo.simulation import DeviceModel, FleetRunner, RunResult, speedup
 from services.federation.admin import create_federation
-from services.models.base import load_base_model
+from modeling.base import load_base_model
 from services.personalization.auth import TokenSigner
 from services.settings import PFISettings
 from services.stack import manager

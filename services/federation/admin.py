@@ -14,10 +14,10 @@ from schemas.errors import ConfigError
 from schemas.events import FederationSpec, GlobalVersionPublished, make_envelope, utcnow
 from schemas.records import VersionMeta
 from schemas.signing import RedisKeyStore, generate_key
-from services.models.base import load_base_model
-from services.models.lora import init_adapter
+from modeling.base import load_base_model
+from modeling.lora import init_adapter
 from services.store.versions import StoreError, UnknownFederation, VersionCommit, VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 SOURCE = "pfi://admin"
 

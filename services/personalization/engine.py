@@ -38,7 +38,7 @@ from schemas.codec import decode_tensors, sha256_hex
 from schemas.errors import CodecError, PFIError
 from schemas.events import FederationSpec, TensorEncoding, utcnow
 from schemas.records import VersionMeta
-from services.models.base import BaseModel, load_base_model
+from modeling.base import BaseModel, load_base_model
 from services.personalization.adapter_cache import AdapterCache
 from services.personalization.batcher import Batcher, BatchInfo, Incoming
 from services.personalization.errors import (
@@ -70,7 +70,7 @@ from services.personalization.user_adapters import (
 )
 from services.settings import PFISettings, ServeSettings
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 log = logging.getLogger("pfi.serve.engine")
 

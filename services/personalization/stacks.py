@@ -36,7 +36,7 @@ import torch
 from schemas.errors import ConfigError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
-from services.models.base import BaseModel
+from modeling.base import BaseModel
 from services.personalization.lora_slots import NO_SLOT, Routing, SlotLoRALinear, wrap_targets
 from services.personalization.user_adapters import PersonalAdapter
 

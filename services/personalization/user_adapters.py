@@ -27,7 +27,7 @@ from schemas.errors import CodecError, PayloadTooLargeError
 from schemas.events import StrictModel, TensorEncoding
 from services.personalization.errors import BadRequest, PayloadTooLarge, Unprocessable
 from services.store import keys
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EVENTS_MAXLEN = 10_000

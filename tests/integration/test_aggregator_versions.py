@@ -26,7 +26,7 @@ from services.aggregator.math.server_optimizer import ServerOptState
 from services.federation.admin import federation_status, rollback_federation
 from services.settings import PFISettings
 from services.store.versions import StoreError, VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 from tests.support.federations import (
     Client,
     chunked,
@@ -128,8 +128,8 @@ async def assert_matches_replay_without_v0(
     store: VersionStore, fleet: Fleet, version: int
 ) -> dict[int, StateDict]:
     """Like :func:`replay`, seeded with a freshly initialized v0 (v0's blob may be gone)."""
-    from services.models.base import load_base_model
-    from services.models.lora import init_adapter
+    from modeling.base import load_base_model
+    from modeling.lora import init_adapter
 
     state = init_adapter(fleet.spec, load_base_model(fleet.spec.base_model).model)
     out = {0: state}

@@ -32,7 +32,7 @@ from clients.source import RedisGlobalSource
 from clients.training import AdapterTrainer, TrainConfig
 from schemas.events import DPMetadata, FederationSpec, LoraSpec
 from services.federation.admin import create_federation
-from services.models.base import TINY_LLAMA, load_base_model
+from modeling.base import TINY_LLAMA, load_base_model
 from services.settings import PFISettings
 from services.store.versions import VersionStore
 from tests.support.federations import (

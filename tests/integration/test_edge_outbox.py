@@ -26,7 +26,7 @@ from clients.training import AdapterTrainer, TrainConfig
 from schemas.frame import decode_frame
 from services.demo.processes import free_ports
 from services.federation.admin import federation_status
-from services.models.base import TINY_LLAMA, load_base_model
+from modeling.base import TINY_LLAMA, load_base_model
 from services.settings import EdgeSettings, PFISettings
 from services.stack import manager
 from services.stack.topics import consumer_limits

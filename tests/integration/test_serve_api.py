@@ -32,7 +32,7 @@ from services.personalization.user_adapters import events_key, user_key
 from services.settings import PFISettings, ServeSettings
 from services.store import keys
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 from tests.support.federations import global_state, new_federation, random_delta, shapes_of
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from services.aggregator.service import Aggregator
 from services.federation.admin import create_federation, register_client
 from services.settings import AggregatorSettings, PFISettings
 from services.store.versions import VersionStore
-from services.versions_codec import BLOB_ENCODING
+from modeling.blobs import BLOB_ENCODING
 
 TINY = "pfi/tiny-llama"
 

@@ -18,7 +18,7 @@ from clients.data import (
     tokenize,
 )
 from schemas.errors import ConfigError
-from services.models.base import ByteTokenizer
+from modeling.base import ByteTokenizer
 
 SHAKESPEARE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"

@@ -12,8 +12,8 @@ from clients.data import UserData, load_users
 from clients.training import PERSONAL, SHARED, AdapterTrainer, TrainConfig
 from schemas.errors import ConfigError
 from schemas.events import FederationSpec
-from services.models.base import TINY_LLAMA, load_base_model
-from services.models.lora import StateDict, init_adapter
+from modeling.base import TINY_LLAMA, load_base_model
+from modeling.lora import StateDict, init_adapter
 
 SHAKESPEARE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"

@@ -1,4 +1,4 @@
-"""How global adapter versions (and optimizer state) are stored: fp32 safetensors, zstd."""
+"""How global adapter versions (and optimizer state) are stored and served: fp32 safetensors, zstd."""
 
 from __future__ import annotations
 
