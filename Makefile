@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := $(wildcard services schemas clients modeling tests bench scripts)
+CODE := $(wildcard services schemas clients modeling sim cli tests bench scripts)
 
 .PHONY: setup test lint typecheck unit demo stack-up stack-down stack-status clean ops-check
 

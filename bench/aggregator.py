@@ -5,8 +5,9 @@ Per update size (default 64 KiB, 4 MiB and 32 MiB of fp32 LoRA tensors, see
 the real local Kafka and Redis, with this run's own topics (``bench-agg-<hex>-<size>.*``, one
 partition) and federation (``bench-agg-<hex>-<size>``), all removed afterwards:
 
-1. M signed updates are produced through the edge agents' producer (:class:`clients.updates.UpdateProducer`)
-   into the size's updates topic: a backlog, so that production is not timed.
+1. M signed updates are produced through the ingest's producer
+   (:class:`services.ingest.producer.UpdateProducer`) into the size's updates topic: a backlog, so that
+   production is not timed.
 2. **raw consumer**: a plain ``AIOKafkaConsumer`` with the aggregator's client limits
    (``consumer_limits``, ``max_poll_records``, ``poll_timeout_ms``) reads the same messages and only
    counts their bytes. Time: from the moment its partition is positioned to the last message.
@@ -61,16 +62,19 @@ from redis.asyncio import Redis
 
 from bench.aggregator_data import ENCODING, SizePoint, parse_size, random_delta, size_point
 from bench.common import MIB, BenchError, ratio_lines, result_path, say, write_result
-from clients.updates import UpdateProducer, build_update, update_messages
+from clients.updates import build_update, update_messages
 from schemas.events import AdapterUpdate, Envelope, FederationSpec
 from schemas.signing import StaticKeyStore, derive_client_key
 from services.aggregator.runtime import FederationRuntime, Position
 from services.aggregator.service import Aggregator, cpu_pool
 from services.federation.admin import commit_state, federation_status
+from services.identity import ClientRegistry
+from services.ingest.producer import UpdateProducer
 from services.settings import AggregatorSettings, PFISettings
 from services.stack.topics import consumer_limits, delete_topics, ensure_topics
 from services.store import keys as store_keys
 from services.store.versions import VersionStore
+from services.transport import kafka_kwargs
 
 NAME = "aggregator"
 GOALS = {"vs_raw_consumer": ">= 0.8", "vs_flower": ">= 3"}
@@ -99,12 +103,11 @@ class _TimedAggregator(Aggregator):
         self.last_flush_at = time.perf_counter()
 
 
-def _settings(base: PFISettings, point: SizePoint, master: str, chunk_bytes: int | None) -> PFISettings:
+def _settings(base: PFISettings, point: SizePoint, chunk_bytes: int | None) -> PFISettings:
     frame_cap = max(base.max_update_bytes, 2 * point.payload_bytes)  # room for the frame header
     update: dict[str, Any] = {
         "topic_prefix": point.federation,
         "update_partitions": 1,
-        "signing_master_key": master,
         "max_update_bytes": frame_cap,
         "max_decoded_bytes": max(base.max_decoded_bytes, 2 * frame_cap),
         "max_inflight_chunk_bytes": max(base.max_inflight_chunk_bytes, 4 * frame_cap),
@@ -114,7 +117,7 @@ def _settings(base: PFISettings, point: SizePoint, master: str, chunk_bytes: int
     return base.model_copy(update=update)
 
 
-async def _setup(settings: PFISettings, point: SizePoint, spec: FederationSpec) -> None:
+async def _setup(settings: PFISettings, point: SizePoint, spec: FederationSpec, master: bytes) -> None:
     from services.aggregator.runtime import empty_like
     from services.aggregator.validation import StateDict
 
@@ -126,6 +129,8 @@ async def _setup(settings: PFISettings, point: SizePoint, spec: FederationSpec) 
             raise BenchError(f"federation {spec.name!r} exists already")
         zeros: StateDict = empty_like(random_delta(point.shapes, 0, 0.0))
         await commit_state(store, spec, zeros)  # v0: a zero adapter of the point's shapes
+        fleet = {f"bench-c{i}": derive_client_key(master, f"bench-c{i}") for i in range(CLIENTS)}
+        await ClientRegistry(redis).register_many(spec.name, fleet, via="bench")  # as an operator would
     finally:
         await redis.aclose()
 
@@ -134,7 +139,6 @@ async def _teardown(settings: PFISettings, point: SizePoint) -> None:
     redis = Redis.from_url(settings.redis())
     try:
         doomed = [key async for key in redis.scan_iter(match=store_keys.prefix(point.federation) + "*")]
-        doomed.append(store_keys.partition_watermarks(settings.updates_topic))
         await redis.delete(*doomed)
         await redis.srem(store_keys.FEDERATIONS, point.federation)
     finally:
@@ -185,7 +189,7 @@ async def _produce(
 async def _raw_consume(settings: PFISettings, agg: AggregatorSettings, expect: int) -> dict[str, Any]:
     tp = TopicPartition(settings.updates_topic, 0)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=agg.max_poll_records,
@@ -259,9 +263,9 @@ async def _run_point(
     from bench.aggregator_fold import flower_comparison, stage_times
 
     master = secrets.token_bytes(32)
-    settings = _settings(base, point, master.hex(), args.chunk_bytes)
+    settings = _settings(base, point, args.chunk_bytes)
     spec = point.spec(args.buffer_size)
-    agg = AggregatorSettings(group_id=f"{point.federation}-g", port=0)
+    agg = AggregatorSettings(group_id=f"pfi-aggregator-{point.federation}", port=0)
     keys = StaticKeyStore({f"bench-c{i}": derive_client_key(master, f"bench-c{i}") for i in range(CLIENTS)})
     row: dict[str, Any] = {
         "size": point.label,
@@ -269,7 +273,7 @@ async def _run_point(
         "updates": point.updates,
         "federation": point.federation,
     }
-    await _setup(settings, point, spec)
+    await _setup(settings, point, spec, master)
     try:
         say(f"aggregator bench: {point.label}: producing {point.updates} updates ...")
         keep = min(point.updates, args.fold_updates)

@@ -96,11 +96,13 @@ class SizePoint:
             name=self.federation,
             base_model=BASE_MODEL,
             lora=LoraSpec(rank=self.rank, alpha=2.0 * self.rank, target_modules=MODULES),
-            # FedBuff as the service runs it by default (clip mode, samples weighting, no optimizer),
+            # FedBuff as the service runs it by default (clip mode, uniform weighting, no optimizer),
             # with a long flush timeout so that only full buffers flush, and few retained blobs. Every
             # bench update is based on v0, so max_staleness covers all M/K versions (no TOO_STALE).
+            # The bench's CLIENTS (8) send round robin, fewer than K: each may fill its share of a buffer.
             aggregation=AggregationSpec(
                 buffer_size=buffer_size,
+                max_client_updates=buffer_size,
                 flush_timeout_s=600.0,
                 keep_versions=2,
                 max_staleness=max(MAX_STALENESS, self.updates // buffer_size),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bench.aggregator_data import SizePoint
+from modeling.blobs import BLOB_ENCODING
 from schemas.chunking import Reassembler
 from schemas.codec import decode_tensors, encode_tensors, state_l2_norm
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope, FederationSpec
@@ -40,7 +41,6 @@ from schemas.signing import KeyStore, verify_update
 from services.aggregator.math.fedbuff import BufferedUpdate, aggregate
 from services.aggregator.validation import FederationView, validate_update
 from services.settings import PFISettings
-from modeling.blobs import BLOB_ENCODING
 
 T = TypeVar("T")
 
@@ -77,7 +77,8 @@ def flower_comparison(
     updates = [env.data for env in envelopes]
     decoded = [decode_tensors(u.payload, u.encoding, max_decoded_bytes=cap) for u in updates]
     global_state = {k: torch.zeros(s) for k, s in point.shapes.items()}
-    agg_spec = spec.aggregation
+    # Flower's FedAvg weighs by num_examples: ours by (capped) num_samples too, not the uniform default.
+    agg_spec = spec.aggregation.model_copy(update={"weighting": "samples"})
     view = _view(spec, point.shapes)
 
     def buffered(deltas: Sequence[dict[str, torch.Tensor]]) -> list[BufferedUpdate]:

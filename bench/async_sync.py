@@ -42,13 +42,13 @@ from bench.common import (
     save_with_plot,
     say,
 )
+from modeling.base import TINY_LLAMA, load_base_model
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo import evaluation
 from services.demo.config import DemoConfig
 from services.demo.runner import Demo, _quiet_libraries
 from services.demo.simulation import CurvePoint, DeviceModel, FleetRunner, RunResult, first_at
 from services.federation.admin import create_federation
-from modeling.base import TINY_LLAMA, load_base_model
 from services.store.versions import VersionStore
 
 SUMMARY = "time to the same loss: async FedBuff vs sync FedAvg (all clients, and K sampled)"
@@ -74,7 +74,13 @@ def bench_specs(cfg: DemoConfig, users: int) -> dict[str, FederationSpec]:
 
     return {
         "async": spec(
-            "async", buffer_size=cfg.async_buffer, staleness="polynomial", staleness_a=cfg.staleness_a
+            "async",
+            buffer_size=cfg.async_buffer,
+            staleness="polynomial",
+            staleness_a=cfg.staleness_a,
+            # A trusted simulated fleet: a fast device may finish twice within K updates, and the run
+            # expects a version every K updates (as the demo's async spec does).
+            max_client_updates=cfg.async_buffer,
         ),
         "sync": spec("sync", buffer_size=users, staleness="constant"),
         "sync_k": spec("sync-k", buffer_size=cfg.async_buffer, staleness="constant"),
@@ -140,14 +146,15 @@ class AsyncSyncBench(Demo):
             ]
         devices = DeviceModel.build(sorted(users), cfg)
         from clients.http_source import HttpGlobalSource
+        from services.personalization.harness import FederationTokens
 
-        source = HttpGlobalSource(
-            serve.url, self.signer.issue("bench-fleet", ttl_s=24 * 3600), timeout_s=120.0
-        )
+        source = HttpGlobalSource(serve.url, "per-federation", timeout_s=120.0)
+        source.client.auth = FederationTokens(self.signer, "bench-fleet")  # a token per federation
         workdir = Path(tempfile.mkdtemp(prefix="pfi-bench-outbox-"))
         fleet = FleetRunner(
             cfg, self.settings, trainer, source, store, aggregator, users, curve_texts, devices, workdir,
             lambda line: self.echo(f"  {line}"),
+            device_token=lambda client_id, fed: self.signer.issue(client_id, federation=fed, role="device"),
         )  # fmt: skip
         runs: dict[str, RunResult] = {}
         try:

@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench.async_sync",
     "bench.soak",
     "bench.chaos",
+    "bench.attacks",
 )
 
 SUMMARIES = {
@@ -29,6 +30,7 @@ SUMMARIES = {
     "async-sync": "time to the same loss: async FedBuff vs sync FedAvg on heterogeneous devices",
     "soak": "a steady update rate for --minutes: RSS growth of each service, lag",
     "chaos": "kill -9 / broker, Redis and server restarts: lost and double-counted updates",
+    "attacks": "issue 12 attacks on real aggregator + serve: not refused, beyond the bound, lost (all 0)",
 }
 
 

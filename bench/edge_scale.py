@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,9 @@ def _synthetic_users(directory: Path, users: int = 64) -> Path:
 async def _setup(settings: PFISettings, federation: str) -> None:
     from redis.asyncio import Redis
 
+    from modeling.base import TINY_LLAMA
     from schemas.events import FederationSpec, LoraSpec
     from services.federation.admin import create_federation
-    from modeling.base import TINY_LLAMA
     from services.stack.topics import ensure_topics
     from services.store.versions import VersionStore
 
@@ -90,7 +89,7 @@ def _simulate(
     federation: str, data: Path, clients: int, updates: int, args: argparse.Namespace, env: dict[str, str]
 ) -> dict[str, Any]:
     cmd = [
-        sys.executable, "-m", "services.cli", "edge", "simulate",
+        sys.executable, "-m", "cli.main", "edge", "simulate",
         "--federation", federation, "--data", str(data), "--clients", str(clients), "--updates", str(updates),
         "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
         "--speed-dist", args.speed_dist, "--dropout", "0", "--network-delay", "0.005",
@@ -115,7 +114,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {
         **os.environ,
         "PFI_TOPIC_PREFIX": settings.topic_prefix,
-        "PFI_SIGNING_MASTER_KEY": secrets.token_hex(32),  # derived client keys: no registry writes
         "PFI_REDIS_URL": settings.redis(),
         "PFI_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap(),
     }

@@ -42,13 +42,13 @@ from bench.common import BenchError, meets, ratio_lines, result_path, say, write
 from bench.serving_latency import freshness, latency
 from bench.serving_setup import MODELS, SMOLLM2, create, drop, load_model, loader_of, personal
 from bench.serving_throughput import throughput
+from modeling.base import TINY_LLAMA
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec, LoraSpec
-from modeling.base import TINY_LLAMA
 from services.personalization.harness import serving
 from services.settings import MIB, PFISettings, ServeSettings
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 NAME = "serving"
 GOALS = {"p50_vs_base": "<= 1.15", "throughput_vs_per_request_load": ">= 10", "freshness_p99_s": "<= 2"}

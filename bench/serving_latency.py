@@ -13,11 +13,11 @@ import torch
 
 from bench.common import BenchError
 from bench.serving_setup import PROMPT, TEXT, commit, pct, summary_ms
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
 from services.personalization.harness import Harness
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 
 async def latency(h: Harness, fed: str, rounds: int, new_tokens: int) -> dict[str, Any]:
@@ -48,7 +48,7 @@ async def latency(h: Harness, fed: str, rounds: int, new_tokens: int) -> dict[st
         out[kind]["p99_vs_base"] = round(out[kind]["personal"]["p99_ms"] / out[kind]["base"]["p99_ms"], 3)
     # The same through HTTP (in-process ASGI), for the served stack only.
     http: list[float] = []
-    headers = h.auth("lat-user")
+    headers = h.auth("lat-user", federation=fed)
     for _ in range(rounds):
         started = time.perf_counter()
         response = await h.client.post(

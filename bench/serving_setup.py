@@ -12,11 +12,11 @@ import torch
 from redis.asyncio import Redis
 
 from bench.common import BenchError
+from modeling.base import TINY_CONFIG, TINY_LLAMA, BaseModel, ByteTokenizer, load_base_model
+from modeling.lora import init_adapter
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.federation.admin import commit_state
-from modeling.base import TINY_CONFIG, TINY_LLAMA, BaseModel, ByteTokenizer, load_base_model
-from modeling.lora import init_adapter
 from services.store import keys
 from services.store.versions import VersionStore
 

@@ -19,15 +19,15 @@ from redis.asyncio import Redis
 
 from bench.common import BenchError
 from bench.serving_setup import SHORT, TEXT, loader_of, personal
+from modeling.base import BaseModel
+from modeling.blobs import BLOB_ENCODING
+from modeling.lora import peft_config
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec
-from modeling.base import BaseModel
-from modeling.lora import peft_config
 from services.personalization.harness import serving
 from services.personalization.stacks import merge_global
 from services.settings import PFISettings, ServeSettings
 from services.store import keys
-from modeling.blobs import BLOB_ENCODING
 
 
 async def drive(
@@ -229,7 +229,7 @@ async def throughput(
             (engine.cache.hits - hits0) / max(1, engine.cache.hits - hits0 + engine.cache.misses - misses0), 4
         )
         out["service_cache_bytes"] = engine.cache.bytes
-        headers = {u: warm.auth(u) for u in users}
+        headers = {u: warm.auth(u, federation=fed) for u in users}
 
         async def http_one(user: str) -> None:
             response = await warm.client.post(

@@ -36,16 +36,18 @@ import torch
 from redis.asyncio import Redis
 
 from bench.common import BenchError, drop_federation, ratio_lines, register_benchmark, save_with_plot, say
-from clients.updates import UpdateProducer, build_update
+from clients.updates import build_update
+from modeling.base import TINY_LLAMA
+from modeling.blobs import BLOB_ENCODING
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
-from services.federation.admin import create_federation, federation_status, register_client
-from modeling.base import TINY_LLAMA
+from services.federation.admin import create_federation, federation_status
+from services.identity import ClientRegistry
+from services.ingest.producer import UpdateProducer
 from services.personalization.auth import TokenSigner
 from services.settings import PFISettings
 from services.stack.topics import delete_topics, ensure_topics
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 SUMMARY = "steady update rate for --minutes: RSS growth of each service, lag"
 NAME = "soak"
@@ -103,7 +105,8 @@ class Soak:
 
     def processes(self) -> dict[str, ServiceProcess]:
         agg, srv = free_port(), free_port()
-        env = child_env(self.settings, PFI_AGGREGATOR_PORT=str(agg), PFI_AGGREGATOR_GROUP_ID=self.spec.name)
+        group = f"pfi-aggregator-{self.spec.name}"
+        env = child_env(self.settings, PFI_AGGREGATOR_PORT=str(agg), PFI_AGGREGATOR_GROUP_ID=group)
         serve_env = child_env(self.settings, PFI_SERVE_PORT=str(srv), PFI_SERVE_TOKEN_SECRET=self.secret)
         return {
             "aggregator": ServiceProcess(
@@ -124,7 +127,10 @@ class Soak:
 
     async def produce(self, store: VersionStore, redis: Redis, shapes: dict[str, tuple[int, ...]]) -> None:
         clients = [
-            (f"{self.spec.name}-c{i}", await register_client(redis, f"{self.spec.name}-c{i}"))
+            (
+                f"{self.spec.name}-c{i}",
+                await ClientRegistry(redis).register(self.spec.name, f"{self.spec.name}-c{i}"),
+            )
             for i in range(self.args.clients)
         ]
         rng = random.Random(1)
@@ -141,7 +147,7 @@ class Soak:
                     delta=delta, key=key,
                 )  # fmt: skip
                 try:
-                    await producer.send(envelope)
+                    await producer.send(envelope, key=key)
                     self.sent.append(envelope.data.update_id)
                 except Exception as err:  # counted; a soak keeps going
                     self.send_errors += 1

@@ -1,6 +1,12 @@
-"""``pfi edge run | simulate | flush``: one real edge agent, a fleet of virtual ones, draining an outbox.
+"""``pfi edge run | flush``: one real edge agent, and draining its outbox.
 
-Defaults come from ``PFI_EDGE_*`` (:class:`~services.settings.EdgeSettings`); flags override them.
+A device talks only to the personalization service (``PFI_EDGE_SERVICE_URL``): it enrolls once with an
+enrollment token (``PFI_EDGE_ENROLLMENT_TOKEN``) or uses its stored credential, fetches the spec and the
+global adapter, and uploads its updates through the ingest route. No Redis, no Kafka. Defaults come from
+``PFI_EDGE_*`` (:class:`~clients.settings.EdgeSettings`); flags override them.
+
+``register`` returns the ``edge`` sub-command group so harnesses can add theirs (``pfi edge simulate``
+comes from :mod:`sim.commands`).
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from clients.settings import EdgeSettings
 from schemas.errors import ConfigError
-from services.settings import EdgeSettings, PFISettings
 
 
-def _quiet_library_warnings() -> None:
+def quiet_library_warnings() -> None:
     # transformers' deprecation notice, emitted by PEFT on every training call: noise for a CLI user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -36,7 +42,7 @@ def _clip(text: str) -> float | str:
     return value
 
 
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training and sending (defaults: PFI_EDGE_*)")
     group.add_argument("--steps", type=int, help="optimizer steps per round")
     group.add_argument("--batch-size", type=int)
@@ -49,55 +55,42 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=("float16", "float32", "bfloat16"), help="wire dtype (no --int8)")
     group.add_argument("--base-model", help="base model to load; must be the federation's (default: it)")
     group.add_argument(
-        "--state-dir", type=Path, help="keys, personal adapters, outboxes (PFI_EDGE_STATE_DIR)"
+        "--state-dir", type=Path, help="credentials, personal adapters, outboxes (PFI_EDGE_STATE_DIR)"
     )
     group.add_argument("--flush-timeout", type=float, help="seconds to drain the outbox at the end")
     group.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     group.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any) -> Any:
+    """Add ``pfi edge``; returns its sub-command group (``add_parser`` for more edge commands)."""
     edge = subparsers.add_parser("edge", help="edge agents: train locally, send adapter deltas")
     sub = edge.add_subparsers(dest="edge_command", metavar="SUBCOMMAND")
 
     run = sub.add_parser("run", help="one user's agent: fetch -> train -> publish, for some rounds")
     run.add_argument("--federation", required=True)
-    run.add_argument("--user", required=True, help="user id in --data")
+    run.add_argument("--user", required=True, help="user id in --data (the device's client id)")
     run.add_argument("--data", required=True, type=Path, help="dir of <user>.txt, JSONL or a play")
     run.add_argument("--rounds", type=int, default=1)
     run.add_argument("--interval", type=float, default=0.0, help="seconds between rounds")
-    _add_training_flags(run)
+    add_training_flags(run)
     run.set_defaults(func=_run_command)
 
-    sim = sub.add_parser("simulate", help="many virtual agents in one process (one shared base model)")
-    sim.add_argument("--federation", required=True)
-    sim.add_argument("--data", required=True, type=Path)
-    sim.add_argument("--clients", required=True, type=int)
-    stop = sim.add_mutually_exclusive_group(required=True)
-    stop.add_argument("--duration", type=float, help="seconds to run")
-    stop.add_argument("--updates", type=int, help="stop after M published updates")
-    sim.add_argument("--speed-dist", default="lognormal:0.5", help="lognormal:SIGMA or constant")
-    sim.add_argument("--dropout", type=float, default=0.1, help="probability a client is offline per round")
-    sim.add_argument("--offline", type=float, default=1.0, help="mean seconds offline after a dropout")
-    sim.add_argument("--network-delay", type=float, default=0.02, help="max seconds of delay per hop")
-    sim.add_argument("--max-active", type=int, default=2, help="clients fetching/training at once")
-    sim.add_argument("--min-chars", type=int, default=0, help="skip users with less text")
-    _add_training_flags(sim)
-    sim.set_defaults(func=_simulate_command)
-
-    flush = sub.add_parser("flush", help="send a user's queued updates (after a broker outage)")
+    flush = sub.add_parser("flush", help="send a user's queued updates (after an outage)")
     flush.add_argument("--user", required=True)
+    flush.add_argument("--federation", help="whose credential to use (default: the user's only one)")
     flush.add_argument("--state-dir", type=Path)
     flush.add_argument("--timeout", type=float, default=60.0)
     flush.set_defaults(func=_flush_command)
 
     edge.set_defaults(func=lambda _args: (edge.print_help(), 2)[1])
+    return sub
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _options(args: argparse.Namespace, edge: EdgeSettings) -> Any:
+def options_from_args(args: argparse.Namespace, edge: EdgeSettings) -> Any:
     from clients.agent import AgentOptions, wire_encoding
 
     overrides: dict[str, Any] = {}
@@ -110,7 +103,7 @@ def _options(args: argparse.Namespace, edge: EdgeSettings) -> Any:
     return AgentOptions.from_settings(edge, **overrides)
 
 
-def _train_cfg(args: argparse.Namespace, edge: EdgeSettings, seed: int) -> Any:
+def train_cfg_from_args(args: argparse.Namespace, edge: EdgeSettings, seed: int) -> Any:
     from clients.agent import train_config
 
     return train_config(
@@ -118,64 +111,56 @@ def _train_cfg(args: argparse.Namespace, edge: EdgeSettings, seed: int) -> Any:
     )
 
 
-def _state_dir(args: argparse.Namespace, edge: EdgeSettings, settings: PFISettings) -> Path:
-    return Path(args.state_dir) if args.state_dir is not None else edge.resolved_state_dir(settings)
+def _state_dir(args: argparse.Namespace, edge: EdgeSettings) -> Path:
+    return Path(args.state_dir) if args.state_dir is not None else edge.resolved_state_dir()
 
 
-def _redis_error(settings: PFISettings, err: Exception) -> ConfigError:
-    return ConfigError(f"cannot reach Redis at {settings.redis()}: {err}")
+def _service_url(edge: EdgeSettings) -> str:
+    if not edge.service_url:
+        raise ConfigError(
+            "PFI_EDGE_SERVICE_URL is not set: a device fetches the global adapter from and uploads its "
+            "updates to the personalization service"
+        )
+    return edge.service_url
 
 
 # ---------------------------------------------------------------------------------------------- run
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-    from redis.exceptions import RedisError
-
-    from clients.agent import EdgeAgent, KafkaSender, SpecMismatchError, ensure_client_key
+    from clients.agent import EdgeAgent, SpecMismatchError
     from clients.data import UserData, load_users
+    from clients.enrollment import DeviceIdentity
     from clients.http_source import HttpGlobalSource
     from clients.outbox import Outbox
     from clients.progress import Progress
-    from clients.source import GlobalSource, RedisGlobalSource
     from clients.training import AdapterTrainer
+    from clients.uploader import HttpUpdateSender
     from modeling.base import load_base_model
 
-    settings, edge = PFISettings(), EdgeSettings()
+    edge = EdgeSettings()
     if args.rounds < 1:
         raise ConfigError("--rounds must be >= 1")
-    state_dir = _state_dir(args, edge, settings)
-    options = _options(args, edge)
+    url = _service_url(edge)
+    state_dir = _state_dir(args, edge)
+    options = options_from_args(args, edge)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
-    cfg = _train_cfg(args, edge, seed)
+    cfg = train_cfg_from_args(args, edge, seed)
     users = load_users(args.data)
     if args.user not in users:
         some = ", ".join(list(users)[:5])
         raise ConfigError(f"user {args.user!r} is not in {args.data} ({len(users)} users: {some}, ...)")
     data = UserData.from_text(args.user, users[args.user], heldout_fraction=edge.heldout_fraction)
 
-    redis = Redis.from_url(settings.redis())
-    sender = KafkaSender(
-        settings, client_id=f"pfi-edge-{args.user}"[:100], request_timeout_ms=edge.request_timeout_ms
-    )
+    identity = await DeviceIdentity.obtain(edge, args.federation, args.user, state_dir=state_dir)
+    source = HttpGlobalSource(url, identity.token, timeout_s=edge.http_timeout_s)
+    sender = HttpUpdateSender(url, identity.token, refresh=identity.refresh, timeout_s=edge.http_timeout_s)
     results: list[dict[str, Any]] = []
     progress = Progress(
         desc=f"edge {args.user}", total=args.rounds, unit="rounds", enabled=not args.no_progress
     )
-    source: GlobalSource | None = None
     try:
-        if edge.service_url:
-            # The device path: spec and global adapter over HTTP from the personalization service.
-            if not edge.token:
-                raise ConfigError("PFI_EDGE_SERVICE_URL is set but PFI_EDGE_TOKEN is not (pfi token issue)")
-            source = HttpGlobalSource(edge.service_url, edge.token)
-        else:
-            source = RedisGlobalSource(redis)
-        try:
-            spec = await source.spec(args.federation)
-        except RedisError as err:
-            raise _redis_error(settings, err) from None
+        spec = await source.spec(args.federation)
         model_id = args.base_model or spec.base_model
         if model_id != spec.base_model:
             raise SpecMismatchError(
@@ -184,23 +169,19 @@ async def _run(args: argparse.Namespace) -> int:
         progress.write(f"loading base model {model_id} ...")
         base = await asyncio.to_thread(load_base_model, model_id)
         trainer = AdapterTrainer(base, spec)
-        key = await ensure_client_key(args.user, settings=settings, state_dir=state_dir, redis=redis)
         outbox = Outbox(
             state_dir / args.user / "outbox", max_bytes=edge.outbox_max_bytes, max_items=edge.outbox_max_items
         )
         if len(outbox):
             progress.write(f"{len(outbox)} update(s) queued from an earlier run; sending them first")
         agent = EdgeAgent(
-            args.federation, args.user, key, source, trainer, outbox, sender, settings, state_dir, options,
+            args.federation, args.user, identity.key, source, trainer, outbox, sender, state_dir, options,
             edge_settings=edge,
         )  # fmt: skip
         progress.update(0, queued=len(outbox))
         for index in range(args.rounds):
             round_cfg = replace(cfg, seed=(seed + index) & 0x7FFFFFFF)
-            try:
-                result = await agent.run_round(data, round_cfg)
-            except RedisError as err:
-                raise _redis_error(settings, err) from None
+            result = await agent.run_round(data, round_cfg)
             results.append(result.to_dict())
             state = "published" if result.published else f"queued ({result.send_error})"
             progress.write(
@@ -219,19 +200,21 @@ async def _run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.interval)
         timeout = args.flush_timeout if args.flush_timeout is not None else edge.flush_timeout_s
         leftover = await agent.flush(timeout)
+        rejected = len(outbox.rejected())
     finally:
         progress.close()
         await sender.close()
-        await redis.aclose()
-        if isinstance(source, HttpGlobalSource):
-            await source.aclose()
+        await source.aclose()
+        await identity.aclose()
     summary = {
         "federation": args.federation,
         "user": args.user,
+        "client_id": identity.client_id,
         "seed": seed,
         "rounds": results,
         "published": sum(1 for r in results if r["published"]) + leftover.sent,
         "queued": leftover.remaining,
+        "rejected": rejected,
         "outbox": str(state_dir / args.user / "outbox"),
     }
     if args.json:
@@ -239,86 +222,52 @@ async def _run(args: argparse.Namespace) -> int:
     if leftover.remaining:
         print(
             f"pfi edge: {leftover.remaining} update(s) still queued in {summary['outbox']} "
-            f"({leftover.error}); "
-            "the next `pfi edge run` or `pfi edge flush` sends them",
+            f"({leftover.error}); the next `pfi edge run` or `pfi edge flush` sends them",
+            file=sys.stderr,
+        )
+    if rejected:
+        print(
+            f"pfi edge: {rejected} update(s) rejected by the service (kept in outbox/rejected/)",
             file=sys.stderr,
         )
     return 0
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    _quiet_library_warnings()
+    quiet_library_warnings()
     return asyncio.run(_run(args))
-
-
-# ----------------------------------------------------------------------------------------- simulate
-
-
-def _simulate_command(args: argparse.Namespace) -> int:
-    from clients.fleet import SimulationConfig, parse_speed_dist, simulate
-
-    _quiet_library_warnings()
-    settings, edge = PFISettings(), EdgeSettings()
-    options = _options(args, edge)
-    cfg = SimulationConfig(
-        federation=args.federation,
-        data=args.data,
-        clients=args.clients,
-        duration_s=args.duration,
-        updates=args.updates,
-        speed_sigma=parse_speed_dist(args.speed_dist),
-        dropout=args.dropout,
-        offline_s=args.offline,
-        network_delay_s=args.network_delay,
-        base_model=args.base_model,
-        train=_train_cfg(args, edge, args.seed if args.seed is not None else 0),
-        options=options,
-        seed=args.seed if args.seed is not None else 0,
-        max_active=args.max_active,
-        state_dir=args.state_dir,
-        progress=not args.no_progress,
-        flush_timeout_s=args.flush_timeout if args.flush_timeout is not None else edge.flush_timeout_s,
-        min_chars=args.min_chars,
-    )
-
-    async def run() -> dict[str, Any]:
-        from redis.exceptions import RedisError
-
-        try:
-            return (await simulate(cfg, settings, edge)).to_dict()
-        except RedisError as err:
-            raise _redis_error(settings, err) from None
-
-    summary = asyncio.run(run())
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(
-            f"{summary['clients']} clients ({summary['users']} users): {summary['published']} published, "
-            f"{summary['failed']} failed, {summary['queued']} queued, {summary['dropped']} dropouts in "
-            f"{summary['duration_s']:.1f}s ({summary['updates_per_s']:.2f} updates/s); global "
-            f"v{summary['start_version']} -> v{summary['end_version']}; peak RSS "
-            f"{summary['peak_rss_bytes'] / 2**20:.0f} MiB"
-        )
-        for error in summary["errors"]:
-            print(f"  error: {error}", file=sys.stderr)
-    return 0 if summary["published"] > 0 or summary["failed"] == 0 else 1
 
 
 # -------------------------------------------------------------------------------------------- flush
 
 
 def _flush_command(args: argparse.Namespace) -> int:
-    from clients.agent import KafkaSender, OutboxPublisher
-    from clients.outbox import Outbox
+    from clients.credentials import CREDENTIAL_FILE
+    from clients.enrollment import DeviceIdentity
+    from clients.outbox import Outbox, OutboxPublisher
+    from clients.uploader import HttpUpdateSender
 
-    settings, edge = PFISettings(), EdgeSettings()
-    directory = _state_dir(args, edge, settings) / args.user / "outbox"
+    edge = EdgeSettings()
+    url = _service_url(edge)
+    state_dir = _state_dir(args, edge)
+    directory = state_dir / args.user / "outbox"
     if not directory.is_dir():
         raise ConfigError(f"no outbox for user {args.user!r} at {directory}")
+    federation = args.federation
+    if federation is None:
+        found = sorted(p.parent.parent.name for p in state_dir.glob(f"*/{args.user}/{CREDENTIAL_FILE}"))
+        if len(found) != 1:
+            raise ConfigError(
+                f"user {args.user!r} has {len(found)} credentials under {state_dir}; "
+                "name one with --federation"
+            )
+        federation = found[0]
 
     async def run() -> tuple[int, int, str | None]:
-        sender = KafkaSender(settings, request_timeout_ms=edge.request_timeout_ms)
+        identity = await DeviceIdentity.obtain(edge, federation, args.user, state_dir=state_dir)
+        sender = HttpUpdateSender(
+            url, identity.token, refresh=identity.refresh, timeout_s=edge.http_timeout_s
+        )
         publisher = OutboxPublisher(
             Outbox(directory, max_bytes=edge.outbox_max_bytes, max_items=edge.outbox_max_items),
             sender,
@@ -330,6 +279,7 @@ def _flush_command(args: argparse.Namespace) -> int:
             result = await publisher.flush(args.timeout)
         finally:
             await sender.close()
+            await identity.aclose()
         return result.sent, result.remaining, result.error
 
     sent, remaining, error = asyncio.run(run())

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 import torch
 
 from clients.source import GlobalAdapter, GlobalSource, SourceError
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec, TensorEncoding
-from modeling.blobs import BLOB_ENCODING
 
 
 def _message(response: httpx.Response) -> str:
@@ -48,13 +48,17 @@ def _check(response: httpx.Response, what: str) -> None:
         raise HttpError(f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code)
 
 
+TokenSource = Callable[[], Awaitable[str]]
+
+
 class HttpGlobalSource:
-    """:class:`~clients.source.GlobalSource` over the personalization service."""
+    """:class:`~clients.source.GlobalSource` over the personalization service. ``token``: a bearer token,
+    or an async callable returning a current one (``DeviceIdentity.token``: refreshed before expiry)."""
 
     def __init__(
         self,
         base_url: str,
-        token: str,
+        token: str | TokenSource,
         *,
         timeout_s: float = 30.0,
         client: httpx.AsyncClient | None = None,
@@ -65,7 +69,7 @@ class HttpGlobalSource:
             client if client is not None else httpx.AsyncClient(base_url=base_url, timeout=timeout_s)
         )
         self.base_url = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self._token = token
         self._specs: dict[str, FederationSpec] = {}
         self._cache: dict[str, tuple[str, GlobalAdapter]] = {}  # federation -> (digest, adapter)
         self._lock = asyncio.Lock()
@@ -74,9 +78,16 @@ class HttpGlobalSource:
     def _url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
+    async def token(self) -> str:
+        return self._token if isinstance(self._token, str) else await self._token()
+
+    async def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {await self.token()}"}
+
     async def _get(self, path: str, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        auth = await self.auth_headers()
         try:
-            return await self.client.get(self._url(path), headers={**self.headers, **(headers or {})})
+            return await self.client.get(self._url(path), headers={**auth, **(headers or {})})
         except httpx.HTTPError as err:
             raise SourceError(f"GET {path}: {type(err).__name__}: {err}") from None
 
@@ -128,7 +139,7 @@ class HttpGlobalSource:
     ) -> dict[str, Any]:
         return await upload_personal_adapter(
             self.client,
-            self.headers["Authorization"].removeprefix("Bearer "),
+            await self.token(),
             federation,
             user,
             state,
@@ -148,7 +159,8 @@ class HttpGlobalSource:
     async def delete_personal(self, federation: str, user: str) -> bool:
         try:
             response = await self.client.delete(
-                self._url(f"/v1/federations/{federation}/users/{user}/adapter"), headers=self.headers
+                self._url(f"/v1/federations/{federation}/users/{user}/adapter"),
+                headers=await self.auth_headers(),
             )
         except httpx.HTTPError as err:
             raise SourceError(f"DELETE personal adapter: {type(err).__name__}: {err}") from None

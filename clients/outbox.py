@@ -1,7 +1,11 @@
 """A bounded on-disk outbox: an update is written (atomically) before it is sent and removed only
-after Kafka acknowledged every one of its messages. A broker outage or an agent restart therefore
-loses nothing; an update whose acknowledgement was lost may be sent again, and the aggregator
-drops the copy by update id (its ``seen`` set), so it is aggregated once.
+after the ingest acknowledged every one of its messages. An outage or an agent restart therefore loses
+nothing; an update whose acknowledgement was lost may be sent again, and the aggregator drops the copy
+by (client, update id), so it is aggregated once.
+
+An update the service refuses for good (:class:`RejectedUpdate`: a 4xx such as a bad signature or a
+revoked device) is moved to ``rejected/`` and reported, so it never blocks the queue.
+:class:`OutboxPublisher` drains an outbox through a :class:`Sender` with jittered exponential back-off.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import struct
 import time
 from dataclasses import dataclass
@@ -26,6 +31,14 @@ _LEN = struct.Struct(">I")
 
 class OutboxFull(PFIError):
     """The outbox reached its byte or item bound; the agent must wait for the broker to drain it."""
+
+
+class RejectedUpdate(PFIError):
+    """The service refused an update for good (it would refuse it again): not retried."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Sender(Protocol):
@@ -45,6 +58,7 @@ class DrainResult:
     sent: int
     remaining: int
     error: str | None = None
+    rejected: int = 0
 
 
 class Outbox:
@@ -54,6 +68,7 @@ class Outbox:
         self.max_items = max_items
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "corrupt").mkdir(exist_ok=True)
+        (self.directory / "rejected").mkdir(exist_ok=True)
         for leftover in self.directory.glob("*.tmp"):  # a crash mid-write: never renamed, never sent
             leftover.unlink(missing_ok=True)
 
@@ -128,8 +143,9 @@ class Outbox:
         _fsync_dir(self.directory)
 
     async def drain(self, sender: Sender, *, timeout_s: float = 30.0) -> DrainResult:
-        """Send pending updates in order; stop at the first failure (retry later)."""
-        sent = 0
+        """Send pending updates in order; stop at the first retryable failure (retry later). An update
+        refused for good is moved to ``rejected/`` and the drain goes on."""
+        sent = rejected = 0
         items = self.pending()
         for index, item in enumerate(items):
             try:
@@ -140,13 +156,21 @@ class Outbox:
                 continue
             try:
                 await asyncio.wait_for(sender.send_raw(item.federation, messages), timeout_s)
-            except (TimeoutError, OSError, PFIError) as err:
-                return DrainResult(sent, len(items) - index, f"{type(err).__name__}: {err}")
-            except Exception as err:  # any Kafka client error: keep the item, retry later
-                return DrainResult(sent, len(items) - index, f"{type(err).__name__}: {err}")
+            except RejectedUpdate as err:
+                log.error("update %s rejected by the service (%s); moved to rejected/", item.update_id, err)
+                item.path.rename(self.directory / "rejected" / item.path.name)
+                _fsync_dir(self.directory)
+                rejected += 1
+                continue
+            except Exception as err:  # timeouts, transport and client errors: keep the item, retry later
+                return DrainResult(sent, len(items) - index, f"{type(err).__name__}: {err}", rejected)
             self.remove(item)
             sent += 1
-        return DrainResult(sent, 0)
+        return DrainResult(sent, 0, None, rejected)
+
+    def rejected(self) -> list[Path]:
+        """Updates the service refused for good (kept for inspection)."""
+        return sorted((self.directory / "rejected").glob("*.obx"))
 
     @staticmethod
     def _header(path: Path) -> tuple[str, str]:
@@ -157,6 +181,93 @@ class Outbox:
             (hlen,) = _LEN.unpack_from(head, len(MAGIC))
             header = json.loads(fh.read(hlen))
         return str(header["update_id"]), str(header["federation"])
+
+
+class OutboxPublisher:
+    """Queues updates in an :class:`Outbox` and drains it through a sender, one drain at a time, with
+    exponential back-off (jittered) after failures. Share one publisher between agents that share an
+    outbox (a fleet): the lock makes sure no item is sent by two drains at once."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        sender: Sender,
+        *,
+        send_timeout_s: float = 30.0,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        self.outbox = outbox
+        self.sender = sender
+        self.send_timeout_s = send_timeout_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.sent_total = 0
+        self.rejected_total = 0
+        self.failed_attempts = 0
+        self.last_error: str | None = None
+        self._backoff = retry_initial_s
+        self._next_attempt = 0.0
+        self._lock = asyncio.Lock()
+        self._rng = random.Random()
+
+    async def enqueue(self, update_id: str, federation: str, messages: list[bytes]) -> OutboxItem:
+        """Persist an update (raises :class:`~clients.outbox.OutboxFull` when the bound is reached)."""
+        return await asyncio.to_thread(self.outbox.put, update_id, federation, messages)
+
+    def backing_off(self) -> float:
+        """Seconds until the next drain attempt is due (0 when due)."""
+        return max(0.0, self._next_attempt - time.monotonic())
+
+    def _failed(self, error: str) -> None:
+        self.failed_attempts += 1
+        self.last_error = error
+        wait = self._backoff * self._rng.uniform(0.8, 1.2)
+        self._next_attempt = time.monotonic() + wait
+        self._backoff = min(self._backoff * 2, self.retry_max_s)
+        log.warning("outbox: send failed (%s); %d queued, retrying in %.1fs", error, len(self.outbox), wait)
+
+    def _succeeded(self) -> None:
+        self._backoff = self.retry_initial_s
+        self._next_attempt = 0.0
+        self.last_error = None
+
+    async def drain(self, *, force: bool = False) -> DrainResult:
+        """Send everything queued, in order, until empty or the first failure. Without ``force`` a drain
+        inside the back-off window after a failure sends nothing (the update stays queued)."""
+        async with self._lock:
+            if not force and self.backing_off() > 0:
+                return DrainResult(0, len(self.outbox), f"backing off after: {self.last_error}")
+            sent = rejected = 0
+            while True:
+                result = await self.outbox.drain(self.sender, timeout_s=self.send_timeout_s)
+                sent += result.sent
+                rejected += result.rejected
+                self.sent_total += result.sent
+                self.rejected_total += result.rejected
+                if result.error is not None:
+                    self._failed(result.error)
+                    return DrainResult(sent, result.remaining, result.error, rejected)
+                if len(self.outbox) == 0:  # items queued meanwhile are sent in this drain too
+                    self._succeeded()
+                    return DrainResult(sent, 0, None, rejected)
+
+    async def flush(self, timeout_s: float) -> DrainResult:
+        """Drain until the outbox is empty or ``timeout_s`` passed, retrying with back-off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        sent = rejected = 0
+        while True:
+            result = await self.drain(force=True)
+            sent += result.sent
+            rejected += result.rejected
+            if result.remaining == 0:
+                return DrainResult(sent, 0, None, rejected)
+            left = deadline - loop.time()
+            if left > 0:
+                await asyncio.sleep(min(self.backing_off(), left))
+            if loop.time() >= deadline:
+                return DrainResult(sent, len(self.outbox), result.error, rejected)
 
 
 def _fsync_dir(directory: Path) -> None:

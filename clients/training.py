@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from clients.data import UserData, pack_sequences, tokenize
-from schemas.errors import ConfigError
-from schemas.events import FederationSpec
 from modeling.base import BaseModel
 from modeling.lora import StateDict, peft_config
+from schemas.errors import ConfigError
+from schemas.events import FederationSpec
 
 SHARED = "shared"
 PERSONAL = "personal"

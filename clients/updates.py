@@ -1,17 +1,16 @@
-"""Building, signing and sending adapter updates (the edge side of the wire contract).
+"""Building and framing signed adapter updates (the edge side of the wire contract).
 
-``build_update`` makes a signed envelope from a delta; ``UpdateProducer`` frames it, splits it into
-chunks when it is over the message limit (all keyed by federation, so they land on one partition in
-order) and produces them with an idempotent ``acks=all`` producer.
+``build_update`` makes a signed envelope from a delta; ``update_messages`` frames it and splits it into
+signed chunks when it is over ``chunk_bytes`` (each chunk is authenticated on its own by the ingest).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
-from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from schemas.chunking import split_frame
@@ -28,8 +27,6 @@ from schemas.events import (
 )
 from schemas.frame import encode_frame
 from schemas.signing import sign_update
-from services.settings import PFISettings
-from services.stack.topics import producer_limits
 
 
 def build_update(
@@ -73,52 +70,24 @@ def build_update(
     return sign_update(envelope, key) if key is not None else envelope
 
 
-def update_messages(envelope: Envelope[AdapterUpdate], settings: PFISettings) -> list[bytes]:
-    """The Kafka message values of one update: one frame, or its ordered chunks."""
+class HasChunkBytes(Protocol):
+    @property
+    def chunk_bytes(self) -> int: ...
+
+
+def update_messages(
+    envelope: Envelope[AdapterUpdate], chunk_bytes: int | HasChunkBytes, *, key: bytes | None = None
+) -> list[bytes]:
+    """The messages of one update: one frame, or its ordered chunks, each signed with ``key`` (the
+    client's key; the ingest refuses unsigned chunks). ``chunk_bytes``: a size, or settings carrying one."""
+    size = chunk_bytes if isinstance(chunk_bytes, int) else chunk_bytes.chunk_bytes
     update = envelope.data
     return split_frame(
         encode_frame(envelope),
         federation=update.federation,
         client_id=update.client_id,
         update_id=update.update_id,
-        chunk_bytes=settings.chunk_bytes,
+        chunk_bytes=size,
         source=envelope.source,
+        key=key,
     )
-
-
-class UpdateProducer:
-    """Sends updates to the updates topic; ``send`` returns once every message is acknowledged."""
-
-    def __init__(self, settings: PFISettings, *, client_id: str = "pfi-edge") -> None:
-        self.settings = settings
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap(),
-            client_id=client_id,
-            acks="all",
-            enable_idempotence=True,
-            **producer_limits(settings),
-        )
-
-    async def start(self) -> None:
-        await self.producer.start()
-
-    async def stop(self) -> None:
-        await self.producer.stop()
-
-    async def __aenter__(self) -> UpdateProducer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
-
-    async def send(self, envelope: Envelope[AdapterUpdate]) -> int:
-        """Produce the update (chunked if needed); returns the number of Kafka messages."""
-        return await self.send_raw(envelope.data.federation, update_messages(envelope, self.settings))
-
-    async def send_raw(self, federation: str, messages: list[bytes]) -> int:
-        key = federation.encode()
-        futures = [await self.producer.send(self.settings.updates_topic, m, key=key) for m in messages]
-        for future in futures:
-            await future
-        return len(messages)

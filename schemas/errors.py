@@ -29,7 +29,13 @@ class RejectReason(StrEnum):
     OVERSIZED = "oversized"  # over the configured update size cap
     CHUNK_CORRUPT = "chunk_corrupt"  # chunk or reassembled digest mismatch, inconsistent chunk headers
     CHUNK_DUPLICATE = "chunk_duplicate"  # the same chunk index twice with different content
-    CHUNK_EXPIRED = "chunk_expired"  # an upload whose chunks did not all arrive in time (or evicted)
+    CHUNK_EXPIRED = "chunk_expired"  # an upload whose chunks did not all arrive in time
+    UPLOAD_QUOTA = "upload_quota"  # a new chunked upload over its client's in-flight uploads/bytes quota
+    REASSEMBLY_FULL = "reassembly_full"  # a new chunked upload while the process-wide bound is full
+    FEDERATION_UNAVAILABLE = "federation_unavailable"  # the federation exists but cannot be loaded
+    INTERNAL_ERROR = "internal_error"  # an unexpected failure handling this message (logged; never a crash)
+    CLIENT_RATE_LIMITED = "client_rate_limited"  # a client's update beyond one buffered + one parked
+    FOLD_FAILED = "fold_failed"  # a buffered update the merge could not fold (isolated; the rest is merged)
 
 
 class PFIError(Exception):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.errors import RejectReason, SchemaError, UnknownEventTypeError
 
@@ -23,6 +24,8 @@ TYPE_PREFIX = "ai.pfi."
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 MAX_NUM_SAMPLES = 2**53  # exact in float64 (aggregation weights are float math)
+ROBUST_MIN_UPDATES = 3  # a median/trimmed mean of fewer updates is one client's value
+PARKED_PER_SLOT = 4  # parked second updates per buffer slot (see AggregationSpec.max_parked)
 
 
 class StrictModel(BaseModel):
@@ -41,10 +44,35 @@ class LoraSpec(StrictModel):
 
 
 class AggregationSpec(StrictModel):
-    """How the aggregator merges updates of a federation (see ARCHITECTURE.md, "Aggregation")."""
+    """How the aggregator merges updates of a federation (see ARCHITECTURE.md, "Aggregation").
+
+    What a client claims is bounded here, not trusted (issue 12, "Server-side weighting"):
+
+    * ``weighting`` defaults to ``"uniform"``: every update of a version weighs the same, whatever
+      ``num_samples`` it claims. ``"samples"`` weighs by ``min(num_samples, max_num_samples)``; the cap
+      (default 1024: a generous on-device LoRA round is a few hundred examples, and 2**53 claimed samples
+      weigh no more than 1024) bounds a liar's share by ``cap / (cap + n - 1)`` of a version of ``n``.
+    * Every delta is L2-bounded (``max_update_norm``, clipped or rejected). ``None`` (no bound: one client
+      can then move the global arbitrarily far) is refused unless ``allow_unbounded_norm`` is set.
+    * The robust combiners need at least 3 updates per version, so ``buffer_size >= 3``, and a timed-out
+      flush with fewer waits for more (see :attr:`flush_min_updates`); ``trimmed_mean`` must trim at least
+      one update per side of a full buffer (``floor(trim_ratio * buffer_size) >= 1``), and trims at least
+      one per side of a smaller timed-out flush too.
+    * At most ``max_client_updates`` (default 1) updates per client enter a buffer: the next ones wait
+      (parked, in arrival order) for the next buffer; as many parked per client and ``4 * buffer_size`` per
+      federation, beyond that an update is refused (``client_rate_limited``). More than 1 multiplies what
+      one client can do to a version (see the bound); it exists for single-client harnesses and trusted
+      fleets.
+
+    ``services.aggregator.math.bounds.influence_bound`` gives, per version, how far one client can move the
+    global under this spec (with the derivation).
+    """
 
     buffer_size: int = Field(default=4, ge=1, description="K of FedBuff; 1 is FedAsync")
     flush_timeout_s: float = Field(default=30.0, gt=0, description="flush a non-empty buffer after this")
+    min_updates: int = Field(
+        default=1, ge=1, description="fewest updates a timed-out flush commits (robust combiners: >= 3)"
+    )
     server_lr: float = Field(default=1.0, gt=0)
     server_optimizer: Literal["none", "momentum", "adam"] = "none"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -55,15 +83,60 @@ class AggregationSpec(StrictModel):
     staleness_a: float = Field(default=0.5, ge=0.0)
     staleness_b: float = Field(default=4.0, ge=0.0, description="hinge: no discount up to b")
     max_staleness: int = Field(default=16, ge=0)
-    weighting: Literal["samples", "uniform"] = "samples"
+    max_client_updates: int = Field(default=1, ge=1, description="updates of one client in one buffer")
+    weighting: Literal["samples", "uniform"] = "uniform"
+    max_num_samples: int = Field(
+        default=1024, ge=1, le=MAX_NUM_SAMPLES, description="cap on a client's claimed num_samples (weights)"
+    )
     lora_mode: Literal["fedit", "ffa"] = "fedit"
     robust: Literal["none", "trimmed_mean", "median"] = "none"
-    trim_ratio: float = Field(default=0.1, ge=0.0, lt=0.5)
-    max_update_norm: float | None = Field(default=100.0, gt=0, description="L2 bound of one delta")
+    trim_ratio: float = Field(default=0.25, ge=0.0, lt=0.5)
+    # Bounded above so that sums of K clipped float32 deltas (and their squares) stay finite.
+    max_update_norm: float | None = Field(default=100.0, gt=0, le=1e6, description="L2 bound of one delta")
+    allow_unbounded_norm: bool = Field(default=False, description="permit max_update_norm=None")
     norm_policy: Literal["clip", "reject"] = "clip"
     dp_noise_multiplier: float = Field(default=0.0, ge=0.0, description="server-side Gaussian noise")
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     keep_versions: int = Field(default=20, ge=2)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> AggregationSpec:
+        if self.max_update_norm is None and not self.allow_unbounded_norm:
+            raise ValueError(
+                "max_update_norm=None lets one client move the global arbitrarily far: "
+                "set a bound, or allow_unbounded_norm=true to accept that"
+            )
+        if self.max_update_norm is None and self.dp_noise_multiplier > 0:
+            raise ValueError("server DP noise needs max_update_norm (the clipping bound) to be set")
+        if self.robust != "none" and self.buffer_size < ROBUST_MIN_UPDATES:
+            raise ValueError(
+                f"robust={self.robust!r} needs buffer_size >= {ROBUST_MIN_UPDATES} "
+                f"(an order statistic of fewer updates is one client's value), got {self.buffer_size}"
+            )
+        if self.robust == "trimmed_mean" and math.floor(self.trim_ratio * self.buffer_size) < 1:
+            raise ValueError(
+                f"trimmed_mean with trim_ratio={self.trim_ratio} and buffer_size={self.buffer_size} trims "
+                f"nothing: need floor(trim_ratio * buffer_size) >= 1"
+            )
+        if self.max_client_updates > self.buffer_size:
+            raise ValueError(
+                f"max_client_updates ({self.max_client_updates}) exceeds buffer_size ({self.buffer_size})"
+            )
+        if self.min_updates > self.buffer_size:
+            raise ValueError(f"min_updates ({self.min_updates}) exceeds buffer_size ({self.buffer_size})")
+        return self
+
+    @property
+    def flush_min_updates(self) -> int:
+        """The fewest updates a version is made of: a timed-out buffer with fewer keeps waiting (a full one,
+        K updates, always flushes). ``min_updates``, and at least 3 for the robust combiners."""
+        floor = ROBUST_MIN_UPDATES if self.robust != "none" else 1
+        return min(self.buffer_size, max(self.min_updates, floor))
+
+    @property
+    def max_parked(self) -> int:
+        """How many updates over their client's share of the buffer a federation holds for the next one."""
+        return PARKED_PER_SLOT * self.buffer_size
 
 
 class FederationSpec(StrictModel):

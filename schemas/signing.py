@@ -1,4 +1,4 @@
-"""HMAC-SHA256 signatures of adapter updates, and where the per-client keys come from.
+"""HMAC-SHA256 signatures of adapter updates and chunks under per-client keys.
 
 What is signed (:func:`canonical_signing_bytes`): the canonical JSON of the whole envelope as
 ``model_dump(mode="json")`` gives it — every CloudEvents attribute (``specversion``, ``id``,
@@ -8,28 +8,25 @@ which :func:`verify_update` recomputes). Signing ``time`` and ``id`` binds the s
 event; a replay of the very same event is caught by the aggregator's duplicate check.
 
 The key is chosen by the *claimed* ``client_id``, so changing the client id breaks the signature.
-Keys are raw bytes (at least 16); files and Redis hold them as hex.
+Keys are raw bytes (at least 16). Verifiers get them from their federation's client registry
+(``services.identity``: active clients only); :class:`StaticKeyStore` holds keys in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
-import json
 import logging
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from schemas.errors import ConfigError, SignatureError
+from schemas.errors import SignatureError
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope, canonical_json
 
 log = logging.getLogger(__name__)
 
 MIN_KEY_BYTES = 16
-REDIS_KEYS_HASH = "pfi:clients:keys"
 _DERIVE_LABEL = b"pfi-client-key:"
 
 
@@ -45,19 +42,10 @@ def generate_key() -> bytes:
 
 
 def derive_client_key(master: bytes, client_id: str) -> bytes:
-    """Deterministic per-client key: HMAC-SHA256(master, label || client_id). For simulations."""
+    """Deterministic per-client key: HMAC-SHA256(master, label || client_id). A harness convenience
+    (simulations, benchmarks) to compute keys that are then registered like any other; verifiers never
+    derive keys."""
     return hmac.new(master, _DERIVE_LABEL + client_id.encode(), hashlib.sha256).digest()
-
-
-def _parse_key(client_id: str, value: object) -> bytes:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
-    if not isinstance(value, str):
-        raise ValueError(f"key of {client_id!r} is not a hex string")
-    key = bytes.fromhex(value)
-    if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"key of {client_id!r} has {len(key)} bytes, at least {MIN_KEY_BYTES} required")
-    return key
 
 
 class StaticKeyStore:
@@ -65,80 +53,6 @@ class StaticKeyStore:
 
     def __init__(self, keys: Mapping[str, bytes]) -> None:
         self._keys = dict(keys)
-
-    def get(self, client_id: str) -> bytes | None:
-        return self._keys.get(client_id)
-
-
-class FileKeyStore:
-    """Keys from a JSON file ``{client_id: hex_key}``; read on construction and on :meth:`reload`."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._keys: dict[str, bytes] = {}
-        self.reload()
-
-    def reload(self) -> None:
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise ConfigError(f"cannot read the keys file {self.path}: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"keys file {self.path}: expected a JSON object {{client_id: hex_key}}")
-        keys: dict[str, bytes] = {}
-        for client_id, value in raw.items():
-            try:
-                keys[client_id] = _parse_key(client_id, value)
-            except ValueError as err:
-                raise ConfigError(f"keys file {self.path}: {err}") from None
-        self._keys = keys
-
-    def get(self, client_id: str) -> bytes | None:
-        return self._keys.get(client_id)
-
-    @staticmethod
-    def write(path: Path | str, keys: Mapping[str, bytes]) -> None:
-        """Write ``keys`` as a keys file (mode 0600)."""
-        target = Path(path)
-        target.write_text(
-            json.dumps({c: k.hex() for c, k in sorted(keys.items())}, indent=2), encoding="utf-8"
-        )
-        target.chmod(0o600)
-
-
-class RedisKeyStore:
-    """An in-memory cache of the Redis hash ``pfi:clients:keys`` (field: client id, value: hex key).
-
-    Verification runs in worker threads, so :meth:`get` never touches Redis: the event loop calls
-    :meth:`refresh` (at start and periodically) and readers see the last loaded snapshot.
-    """
-
-    def __init__(self, hash_key: str = REDIS_KEYS_HASH) -> None:
-        self.hash_key = hash_key
-        self._keys: dict[str, bytes] = {}
-
-    async def refresh(self, redis_client: Any) -> int:
-        """Reload every key from Redis (``redis.asyncio.Redis``); skips bad entries. Returns the count."""
-        result = redis_client.hgetall(self.hash_key)
-        raw = await result if inspect.isawaitable(result) else result
-        keys: dict[str, bytes] = {}
-        for field, value in dict(raw).items():
-            client_id = field.decode() if isinstance(field, bytes) else str(field)
-            try:
-                keys[client_id] = _parse_key(client_id, value)
-            except ValueError as err:
-                log.warning("ignoring a bad key in %s: %s", self.hash_key, err)
-        self._keys = keys  # one reference swap: readers see the old or the new snapshot
-        return len(keys)
-
-    async def put(self, redis_client: Any, client_id: str, key: bytes) -> None:
-        """Register ``key`` for ``client_id`` in Redis and in the cache."""
-        if len(key) < MIN_KEY_BYTES:
-            raise ConfigError(f"keys need at least {MIN_KEY_BYTES} bytes")
-        result = redis_client.hset(self.hash_key, client_id, key.hex())
-        if inspect.isawaitable(result):
-            await result
-        self._keys = {**self._keys, client_id: key}
 
     def get(self, client_id: str) -> bytes | None:
         return self._keys.get(client_id)

@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.chaos.processes import ChaosError
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors
 from schemas.errors import RejectReason
 from schemas.frame import decode_frame
@@ -27,7 +28,7 @@ from services.federation.admin import federation_status
 from services.settings import PFISettings
 from services.stack.topics import DLQ_PARTITIONS
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
+from services.transport import kafka_kwargs
 
 
 @dataclass
@@ -147,9 +148,7 @@ async def version_problems(
 
 async def dead_letter_records(settings: PFISettings, *, timeout: float = 30.0) -> list[Any]:  # noqa: ASYNC109
     """Every record of the DLQ topic (decoded ``UpdateRejected``), read up to its end offsets."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap(), enable_auto_commit=False, group_id=None
-    )
+    consumer = AIOKafkaConsumer(**kafka_kwargs(settings, "admin"), enable_auto_commit=False, group_id=None)
     await consumer.start()
     out: list[Any] = []
     try:

@@ -267,7 +267,9 @@ async def aggregator_fleet(
 ) -> AsyncIterator[AggregatorFleet]:
     """Yields a fleet; on exit every process still alive is SIGKILLed and every log tail printed."""
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    fleet = AggregatorFleet(settings, log_dir, group_id or f"g-{settings.topic_prefix}", **aggregator)
+    fleet = AggregatorFleet(
+        settings, log_dir, group_id or f"pfi-aggregator-{settings.topic_prefix}", **aggregator
+    )
     try:
         yield fleet
     finally:

@@ -141,7 +141,11 @@ async def pipeline(
     specs, clients, shapes = await create_federations(store, redis, names, clients_per)
     result = ScenarioResult(name)
     fleet = AggregatorFleet(
-        settings, stack.logs, f"g-{settings.topic_prefix}", max_poll_interval_ms=60_000, worker_threads=1
+        settings,
+        stack.logs,
+        f"pfi-aggregator-{settings.topic_prefix}",
+        max_poll_interval_ms=60_000,
+        worker_threads=1,
     )
     started = time.monotonic()
     try:

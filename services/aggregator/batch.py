@@ -12,9 +12,10 @@ Handling then stays strictly sequential (:meth:`Aggregator.handle`), in offset o
 prepared answer where it is exactly what the sequential path would compute at the record's turn:
 
 - a decode is a pure function of the record;
-- a ``seen`` answer is prefetched only for an update id that was neither buffered nor met earlier in the
-  batch (as a whole update or a chunk): such an id can only enter ``seen`` by a commit of ours that
-  buffered it, which cannot happen before its turn. A commit by another owner races the same way as
+- a ``seen`` answer (per client and update id) is prefetched only for an update id that was neither
+  buffered (by any client) nor met earlier in the batch for its client (as a whole update or a chunk):
+  such a pair can only enter ``seen`` by a commit of ours that buffered it, which cannot happen before
+  its turn. A commit by another owner races the same way as
   the sequential check did, and the commit script's fencing (``DUPLICATE``/``CONFLICT``) still refuses it;
 - a successful validation is reused with its staleness recomputed when a version was committed in
   between (every other check is independent of the federation's version); a refused update is validated
@@ -35,10 +36,11 @@ from redis.asyncio import Redis
 from schemas.chunking import Reassembler
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame, verify_payload_digest
+from schemas.signing import KeyStore, verify_chunk
 from services.aggregator.runtime import FederationRuntime, Position, Zone
-from services.aggregator.state_loader import StateLoader
+from services.aggregator.state_loader import FederationUnavailable, StateLoader
 from services.aggregator.validation import FederationView, ValidUpdate, staleness_of, validate_update
-from services.keystore import ClientKeys
+from services.identity.keys import FederationKeys
 from services.settings import PFISettings
 from services.store.versions import VersionStore
 
@@ -94,7 +96,7 @@ def decode_frames(values: Sequence[bytes | None], max_frame_bytes: int) -> list[
 
 
 def check_and_validate(
-    envelope: Envelope[Any], view: FederationView, keys: ClientKeys, *, max_decoded_bytes: int
+    envelope: Envelope[Any], view: FederationView, keys: KeyStore, *, max_decoded_bytes: int
 ) -> ValidUpdate:
     """The payload digest (MALFORMED when it differs: the frame contradicts itself), hashed once for
     both the frame check and the signature, then every validation check (worker thread)."""
@@ -103,11 +105,11 @@ def check_and_validate(
 
 
 def validate_many(
-    items: Sequence[tuple[Envelope[Any], FederationView]], keys: ClientKeys, max_decoded_bytes: int
+    items: Sequence[tuple[Envelope[Any], FederationView, KeyStore]], max_decoded_bytes: int
 ) -> list[Outcome]:
-    """:func:`check_and_validate` of many updates (worker thread)."""
+    """:func:`check_and_validate` of many updates (worker thread), each with its federation's keys."""
     out: list[Outcome] = []
-    for envelope, view in items:
+    for envelope, view, keys in items:
         try:
             out.append((check_and_validate(envelope, view, keys, max_decoded_bytes=max_decoded_bytes), None))
         except Exception as err:
@@ -116,23 +118,26 @@ def validate_many(
 
 
 def add_chunk(
-    reassembler: Reassembler[Position], chunk: AdapterUpdateChunk, pos: Position, max_frame_bytes: int
-) -> tuple[Envelope[Any] | None, Exception | None]:
-    """Place a chunk and, when it completes its upload, decode the whole frame: one worker-thread call.
-    A decode failure is returned (the caller drains evictions first, then raises it)."""
-    frame = reassembler.add(chunk, pos)
+    reassembler: Reassembler[Position],
+    envelope: Envelope[AdapterUpdateChunk],
+    keys: KeyStore,
+    pos: Position,
+    max_frame_bytes: int,
+) -> Envelope[Any] | None:
+    """Authenticate a chunk, place it and, when it completes its upload, decode the whole frame: one
+    worker-thread call. The signature (its client's key, over the header with ``chunk_sha256``) is
+    checked before the reassembler stores anything, and the reassembler checks the payload against
+    ``chunk_sha256``: an unsigned or forged chunk never reaches an upload (SIGNATURE_INVALID)."""
+    verify_chunk(envelope, keys, payload_verified=True)  # the reassembler hashes the payload next
+    frame = reassembler.add(envelope.data, pos)
     if frame is None:
-        return None, None
-    try:
-        envelope = decode_frame(
-            frame,
-            max_frame_bytes=max_frame_bytes,
-            expected=AdapterUpdate,
-            verify_digest=False,  # checked with the validation, once
-        )
-    except Exception as err:
-        return None, err
-    return envelope, None
+        return None
+    return decode_frame(
+        frame,
+        max_frame_bytes=max_frame_bytes,
+        expected=AdapterUpdate,
+        verify_digest=False,  # checked with the validation, once
+    )
 
 
 class BatchPreparer:
@@ -140,7 +145,7 @@ class BatchPreparer:
         self,
         loader: StateLoader,
         store: VersionStore,
-        keys: ClientKeys,
+        keys: FederationKeys,
         redis: Redis,
         settings: PFISettings,
         run_cpu: RunCpu,
@@ -165,12 +170,15 @@ class BatchPreparer:
         values: list[bytes | None] = []
         for record in records:
             federation = key_text(record.key)
-            runtime = await self.loader.runtime(runtimes, federation) if federation else None
+            try:
+                runtime = await self.loader.runtime(runtimes, federation) if federation else None
+            except FederationUnavailable:
+                runtime = None  # dead-lettered at its turn (FEDERATION_UNAVAILABLE)
             skip = runtime is not None and runtime.zone(partition, record.offset) is Zone.SKIP
             owners.append(runtime)
             values.append(None if skip else record.value or b"")
         decoded = await self.run_cpu(decode_frames, values, self.settings.max_update_bytes)
-        met: set[str] = set()  # update ids met so far in this batch (whole or chunked)
+        met: set[tuple[str, str]] = set()  # (client, update id) met so far in this batch (whole or chunked)
         candidates: list[int] = []
         budget = MAX_PREVALIDATED_BYTES
         for i, (envelope, error) in enumerate(decoded):
@@ -181,8 +189,8 @@ class BatchPreparer:
             if not isinstance(data, AdapterUpdate | AdapterUpdateChunk):
                 continue
             runtime = owners[i]
-            fresh = data.update_id not in met
-            met.add(data.update_id)
+            fresh = (data.client_id, data.update_id) not in met
+            met.add((data.client_id, data.update_id))
             if (
                 isinstance(data, AdapterUpdate)
                 and fresh
@@ -194,7 +202,14 @@ class BatchPreparer:
         if not candidates:
             return prepared
         seen = await self.store.are_seen(
-            [(self._owner(prepared[i]).name, self._update(prepared[i]).update_id) for i in candidates]
+            [
+                (
+                    self._owner(prepared[i]).name,
+                    self._update(prepared[i]).client_id,
+                    self._update(prepared[i]).update_id,
+                )
+                for i in candidates
+            ]
         )
         todo: list[int] = []
         for i, was_seen in zip(candidates, seen, strict=True):
@@ -205,19 +220,21 @@ class BatchPreparer:
                 todo.append(i)
         if not todo:
             return prepared
-        for client in {self._update(prepared[i]).client_id for i in todo}:
-            await self.keys.ensure(self.redis, client)
+        for fed, client in {
+            (self._owner(prepared[i]).name, self._update(prepared[i]).client_id) for i in todo
+        }:
+            await self.keys.ensure(self.redis, fed, client)
         views: dict[str, FederationView] = {}
-        items: list[tuple[Envelope[Any], FederationView]] = []
+        items: list[tuple[Envelope[Any], FederationView, KeyStore]] = []
         for i in todo:
             runtime = self._owner(prepared[i])
             if runtime.name not in views:
                 views[runtime.name] = runtime.view()
             prepared[i].view = views[runtime.name]
-            items.append((self._envelope(prepared[i]), views[runtime.name]))
+            items.append((self._envelope(prepared[i]), views[runtime.name], self.keys.view(runtime.name)))
         self.in_flight.inc(len(items))
         try:
-            results = await self.run_cpu(validate_many, items, self.keys, self.settings.max_decoded_bytes)
+            results = await self.run_cpu(validate_many, items, self.settings.max_decoded_bytes)
         finally:
             self.in_flight.dec(len(items))
         for i, (valid, _) in zip(todo, results, strict=True):

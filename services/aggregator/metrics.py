@@ -169,6 +169,33 @@ class AggregatorMetrics:
         self.in_flight = Gauge(
             f"{ns}_updates_in_flight", "Updates being decoded/validated right now", registry=registry
         )
+        self.reassembly_reserved = Gauge(
+            f"{ns}_reassembly_reserved_bytes",
+            "Bytes reserved by incomplete chunked uploads (whole sizes), of the process-wide bound",
+            registry=registry,
+        )
+        self.federations_unavailable = Counter(
+            f"{ns}_federation_load_failures_total",
+            "Federations that exist but could not be loaded (their messages are dead-lettered meanwhile)",
+            ["federation"],
+            registry=registry,
+        )
+        self.internal_errors = Counter(
+            f"{ns}_internal_errors_total",
+            "Messages whose handling failed unexpectedly (dead-lettered as internal_error)",
+            registry=registry,
+        )
+        self.poll_failures = Counter(
+            f"{ns}_poll_failures_total",
+            "Poll cycles that failed outside any one message (state dropped and replayed)",
+            registry=registry,
+        )
+        self.unreplicated_versions = Counter(
+            f"{ns}_unreplicated_versions_total",
+            "Versions committed but not acknowledged by PFI_REDIS_WAIT_REPLICAS replicas (not announced)",
+            ["federation"],
+            registry=registry,
+        )
         self.dp_epsilon = Gauge(
             f"{ns}_dp_epsilon",
             "Privacy budget spent by server-side DP noise (at dp_delta)",

@@ -28,10 +28,14 @@ class Rejections:
         envelope: Envelope[Any] | None,
         partition: int,
         offset: int,
+        *,
+        federation: str | None = None,
     ) -> None:
-        """Count a refused message (durable with the federation's next commit) and dead-letter it."""
+        """Count a refused message (durable with the federation's next commit) and dead-letter it.
+        ``federation``: the federation it names when no runtime is loaded for it (an existing one that
+        cannot be loaded: named in the metric, where an unknown name would be ``unknown``)."""
         data = envelope.data if envelope is not None else None
-        label = runtime.name if runtime is not None else "unknown"
+        label = runtime.name if runtime is not None else (federation or "unknown")
         self.metrics.updates_rejected.labels(label, err.reason.value).inc()
         if runtime is not None:
             runtime.pending_stats["rejected_total"] += 1
@@ -40,7 +44,7 @@ class Rejections:
         await self.publisher.dead_letter(
             err.reason,
             err.message,
-            federation=getattr(data, "federation", None) or (runtime.name if runtime else None),
+            federation=getattr(data, "federation", None) or (runtime.name if runtime else federation),
             client_id=getattr(data, "client_id", None),
             update_id=getattr(data, "update_id", None),
             topic=self.topic,
@@ -50,7 +54,7 @@ class Rejections:
         )
 
     async def expired(self, runtime: FederationRuntime, dropped: ExpiredUpload[Position]) -> None:
-        why = "evicted (reassembly memory bound)" if dropped.evicted else "expired"
+        why = "expired"
         self.metrics.updates_rejected.labels(runtime.name, dropped.reason.value).inc()
         runtime.pending_stats["rejected_total"] += 1
         runtime.pending_stats[f"rejected:{dropped.reason.value}"] += 1

@@ -10,6 +10,17 @@ offsets in Redis, written atomically with its versions/stats:
   messages that are durable *unless* still buffered/pending (a buffered update, a chunked upload not yet
   complete). On replay, that zone is reprocessed quietly: updates already in ``seen`` are skipped,
   rejections are neither dead-lettered nor counted again, the rest is re-buffered.
+
+**One update per client per buffer** (issue 12; ``max_client_updates``, default 1). An update of a client
+that already has its share of the buffer is *parked*: kept in memory, in arrival order, and admitted to the
+next buffer right after the flush, with its staleness recomputed against the version just made (refused
+``too_stale`` & co. if it no longer fits). A client has at most ``max_client_updates`` parked updates, a
+federation ``spec.aggregation.max_parked``; beyond that an update is refused with ``client_rate_limited``.
+A parked update counts as buffered everywhere the bookkeeping looks: duplicates (``is_buffered``),
+``first_pending`` and ``durable_offsets`` (its first position holds ``safe`` and the watermark back), so a
+crash replays it like any buffered update: parked updates are not durable, and need not be. (Replay is
+exact for what was in a version; a rate-limit or staleness refusal can differ on replay, as any refusal
+that depends on the buffer or the version can: its DLQ record is at least once.)
 """
 
 from __future__ import annotations
@@ -19,15 +30,17 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
 from schemas.chunking import Reassembler
-from schemas.events import FederationSpec
+from schemas.errors import RejectedInput, RejectReason
+from schemas.events import AdapterUpdate, Envelope, FederationSpec, make_envelope
 from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, UpdateBuffer
 from services.aggregator.math.privacy import RdpAccountant
 from services.aggregator.math.server_optimizer import ServerOptState
-from services.aggregator.validation import FederationView, StateDict, ValidUpdate
+from services.aggregator.validation import FederationView, StateDict, ValidUpdate, staleness_of
 from services.store.keys import hwm_field, offset_field
 
 Position = tuple[int, int]  # (partition, offset)
@@ -43,6 +56,17 @@ class Zone(Enum):
 class BufferedInfo:
     position: Position  # of the update's first message (the first chunk, if chunked): replay starts there
     base_version: int
+    header: AdapterUpdate | None = None  # the update without its payload: to dead-letter it later
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An update refused after it was buffered or parked (too stale when a parked one is admitted, or
+    isolated by a failed fold): the service dead-letters it (``Aggregator.flush``)."""
+
+    error: RejectedInput
+    envelope: Envelope[Any] | None
+    position: Position
 
 
 @dataclass
@@ -64,14 +88,24 @@ class FederationRuntime:
     reassembler: Reassembler[Position]
     clock: Callable[[], float] = time.monotonic
     buffer: UpdateBuffer = field(init=False)
-    buffered: dict[str, BufferedInfo] = field(default_factory=dict)  # update id -> where/what
+    buffered: dict[str, BufferedInfo] = field(default_factory=dict)  # update id -> where/what (parked too)
+    parked: dict[str, ValidUpdate] = field(default_factory=dict)  # update id -> update, in arrival order
+    parked_clients: Counter[str] = field(default_factory=Counter)  # client id -> its parked updates
+    refused: list[Refused] = field(default_factory=list)  # to dead-letter (see ``take_refused``)
+    taken_at: dict[str, float] = field(default_factory=dict)  # update id -> buffer time, of the taken buffer
     first_dirty: dict[int, int] = field(default_factory=dict)  # partition -> first offset not yet durable
     pending_stats: Counter[str] = field(default_factory=Counter)
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
         agg = self.spec.aggregation
-        self.buffer = UpdateBuffer(agg.buffer_size, agg.flush_timeout_s, clock=self.clock)
+        self.buffer = UpdateBuffer(
+            agg.buffer_size,
+            agg.flush_timeout_s,
+            clock=self.clock,
+            min_updates=agg.flush_min_updates,
+            max_per_client=agg.max_client_updates,
+        )
         self.fingerprint = self.spec.fingerprint()
 
     @property
@@ -101,21 +135,67 @@ class FederationRuntime:
         self.first_dirty.setdefault(partition, offset)
 
     def add(self, valid: ValidUpdate, position: Position) -> bool:
-        """Buffer a validated update; True when the buffer is full (flush now)."""
+        """Buffer a validated update, or park it when its client already has its share of the buffer (or
+        parked updates: a client's updates keep their order); True when the buffer is full (flush now).
+        Raises ``RejectedInput`` (``client_rate_limited``) when the client already has its share parked too,
+        or the federation holds ``max_parked``."""
         update = valid.update
-        self.buffered[update.update_id] = BufferedInfo(position, update.base_version)
-        return self.buffer.add(
-            BufferedUpdate(
-                update_id=update.update_id,
-                client_id=update.client_id,
-                delta=valid.delta,
-                num_samples=update.num_samples,
-                staleness=valid.staleness,
-            )
-        )
+        client = update.client_id
+        info = BufferedInfo(position, update.base_version, update.model_copy(update={"payload": b""}))
+        if not self.buffer.has_room_for(client) or self.parked_clients[client] > 0:
+            agg = self.spec.aggregation
+            if self.parked_clients[client] >= agg.max_client_updates or len(self.parked) >= agg.max_parked:
+                raise RejectedInput(
+                    f"client {client!r} sends faster than versions are made: {agg.max_client_updates} "
+                    f"update(s) per client per buffer and as many waiting for the next "
+                    f"({len(self.parked)}/{agg.max_parked} waiting in the federation)",
+                    reason=RejectReason.CLIENT_RATE_LIMITED,
+                )
+            self.buffered[update.update_id] = info
+            self.parked[update.update_id] = valid
+            self.parked_clients[client] += 1
+            return False
+        self.buffered[update.update_id] = info
+        return self.buffer.add(_buffered(valid, valid.staleness))
 
     def is_buffered(self, update_id: str) -> bool:
+        """Whether ``update_id`` is in the buffer or parked for the next one (a duplicate, if received)."""
         return update_id in self.buffered
+
+    def admit_parked(self) -> None:
+        """After a commit: move parked updates, oldest first, into the buffer until it is full (a client's
+        beyond its share wait for the buffer after), each with its staleness recomputed against the new
+        latest version; one that no longer fits is refused (queued in ``refused`` for the service to
+        dead-letter, counted with the next commit)."""
+        view: FederationView | None = None
+        for update_id in list(self.parked):
+            if self.buffer.full():
+                return
+            valid = self.parked[update_id]
+            client = valid.update.client_id
+            if not self.buffer.has_room_for(client):
+                continue
+            del self.parked[update_id]
+            self.parked_clients[client] -= 1
+            if self.parked_clients[client] <= 0:
+                del self.parked_clients[client]
+            view = view or self.view()
+            try:
+                staleness = staleness_of(valid.update, view)
+            except RejectedInput as err:
+                self._refuse(update_id, err)
+                continue
+            self.buffer.add(_buffered(valid, staleness))
+
+    def _refuse(self, update_id: str, err: RejectedInput) -> None:
+        info = self.buffered.pop(update_id)
+        self.touch(*info.position)  # not durable until the next commit counts the rejection
+        envelope = None if info.header is None else make_envelope(info.header, source="pfi-aggregator")
+        self.refused.append(Refused(err, envelope, info.position))
+
+    def take_refused(self) -> list[Refused]:
+        out, self.refused = self.refused, []
+        return out
 
     def first_pending(self, partition: int) -> int | None:
         """Lowest offset on ``partition`` that a crash now would need to replay for this federation."""
@@ -164,7 +244,24 @@ class FederationRuntime:
         return bool(self.first_dirty) or bool(self.pending_stats)
 
     def take_buffer(self) -> list[tuple[BufferedUpdate, BufferedInfo]]:
-        return [(item, self.buffered.pop(item.update_id)) for item in self.buffer.take()]
+        entries = self.buffer.take_entries()
+        self.taken_at = {item.update_id: added_at for added_at, item in entries}
+        return [(item, self.buffered.pop(item.update_id)) for _, item in entries]
+
+    def restore_buffer(
+        self, taken: list[tuple[BufferedUpdate, BufferedInfo]], refuse: Mapping[str, RejectedInput]
+    ) -> None:
+        """Undo :meth:`take_buffer` after a fold failure: the updates of ``refuse`` are refused (queued for
+        the service to dead-letter), the others go back into the buffer with their original times."""
+        now = self.clock()
+        keep: list[tuple[float, BufferedUpdate]] = []
+        for item, info in taken:
+            self.buffered[item.update_id] = info
+            if item.update_id in refuse:
+                self._refuse(item.update_id, refuse[item.update_id])
+            else:
+                keep.append((self.taken_at.get(item.update_id, now), item))
+        self.buffer.restore(keep)
 
     def apply(self, result: AggregationResult, version: int) -> None:
         """Adopt a committed version as the new latest."""
@@ -174,6 +271,17 @@ class FederationRuntime:
         self.head = version
         self.global_state = result.new_global
         self.opt_state = result.opt_state
+
+
+def _buffered(valid: ValidUpdate, staleness: int) -> BufferedUpdate:
+    update = valid.update
+    return BufferedUpdate(
+        update_id=update.update_id,
+        client_id=update.client_id,
+        delta=valid.delta,
+        num_samples=update.num_samples,
+        staleness=staleness,
+    )
 
 
 def build_lineage(latest: int, parents: Mapping[int, int | None], max_depth: int) -> dict[int, int]:

@@ -4,7 +4,15 @@ One asyncio task runs the consumer loop; decoding, validation and tensor math ru
 Every state change of a federation happens on that task, so no locks are needed. Exactly-once is
 explained in :mod:`services.aggregator.runtime`; partition watermarks (the seek positions) are a lower
 bound of everything not yet durable, raised only after the Kafka group commit succeeded (so a
-zombie that lost its partitions cannot raise them).
+zombie that lost its partitions cannot raise them). They are stored per federation, in its slot (see
+:mod:`services.store.versions`): the seek position of a partition is the minimum over the federations.
+
+No message can stop the process (issue 12): chunks are authenticated (their client's key in that
+federation's registry) before the reassembler stores them; uploads are bounded per client and by one
+process-wide :class:`~schemas.chunking.ReassemblyBudget`; a federation that cannot be loaded makes its
+messages dead-letter (``federation_unavailable``); any other unexpected failure handling one message is
+logged and dead-lettered (``internal_error``); a failure outside a message (Kafka, Redis) drops the
+in-memory state and replays from the watermarks, backing off, instead of exiting.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas.chunking import ReassemblyBudget
 from schemas.errors import PFIError, RejectedInput, RejectReason
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame
@@ -35,13 +44,14 @@ from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
 from services.aggregator.rejects import Rejections
 from services.aggregator.runtime import FederationRuntime, Position, Zone
-from services.aggregator.state_loader import StateLoader
-from services.aggregator.versioning import VersionWriter
+from services.aggregator.state_loader import FederationUnavailable, StateLoader
+from services.aggregator.versioning import PoisonedUpdates, VersionWriter
 from services.health import HealthServer
-from services.keystore import ClientKeys
+from services.identity.keys import FederationKeys
 from services.settings import AggregatorSettings, PFISettings
 from services.stack.topics import consumer_limits, producer_limits
 from services.store.versions import CommitConflict, VersionStore
+from services.transport import kafka_kwargs
 
 log = logging.getLogger("pfi.aggregator")
 T = TypeVar("T")
@@ -89,12 +99,23 @@ class Aggregator:
         self.instance = agg.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.topic = settings.updates_topic
         self.redis = Redis.from_url(settings.redis())
-        self.store = VersionStore(self.redis)
-        self.keys = ClientKeys(settings)
+        self.store = VersionStore(
+            self.redis,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
+        self.keys = FederationKeys()
         self.pool = cpu_pool(agg)
-        self.loader = StateLoader(self.store, settings, self.run_cpu)
+        self.budget = ReassemblyBudget(settings.max_inflight_chunk_bytes)  # one bound for every federation
+        self.loader = StateLoader(
+            self.store,
+            settings,
+            self.run_cpu,
+            budget=self.budget,
+            on_unavailable=lambda fed: self.metrics.federations_unavailable.labels(fed).inc(),
+        )
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap(),
+            **kafka_kwargs(settings, "aggregator"),
             group_id=agg.group_id,
             client_id=self.instance,
             enable_auto_commit=False,
@@ -106,7 +127,7 @@ class Aggregator:
             max_poll_records=agg.max_poll_records,
         )
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap(),
+            **kafka_kwargs(settings, "aggregator"),
             client_id=f"{self.instance}-out",
             acks="all",
             enable_idempotence=True,
@@ -127,6 +148,10 @@ class Aggregator:
         self._last_progress = 0.0
         self._last_poll = 0.0
         self._live_due: set[str] = set()
+        # Federations with a watermark on an assigned partition (read at the seek), loaded or not: raising
+        # the partition's seek position raises theirs (see raise_watermarks).
+        self._marked: dict[str, set[int]] = {}
+        self._wm_written: dict[tuple[str, int], int] = {}  # (federation, partition) -> last raised to
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run_cpu(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -136,7 +161,6 @@ class Aggregator:
     async def start(self) -> None:
         await self.health.start()
         await self.redis.ping()
-        await self.keys.refresh(self.redis)
         await self.producer.start()
         await self.consumer.start()
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -146,11 +170,16 @@ class Aggregator:
     async def run(self) -> None:
         await self.start()
         try:
+            failures = 0
             while not self.stopping.is_set():
                 try:
                     await self.poll_once()
+                    failures = 0
                 except RedisError as err:  # the store is down: wait for it, then replay (like a crash)
                     await self.wait_for_store(err)
+                except Exception as err:  # never exit for one failure (Kafka, a bug): replay, backing off
+                    failures += 1
+                    await self.recover(err, failures)
         finally:
             await self.shutdown()
 
@@ -172,6 +201,21 @@ class Aggregator:
             except RedisError as again:
                 delay = min(delay * 2, 5.0)
                 log.warning("Redis still failing (%s); next try in %.1fs", again, delay)
+
+    async def recover(self, err: Exception, failures: int) -> None:
+        """A poll cycle failed outside any one message (a Kafka error, a bug): drop the in-memory state
+        (disposable), wait (backing off with consecutive failures) and replay from the watermarks."""
+        self.metrics.poll_failures.inc()
+        log.exception("poll cycle failed (%d in a row): dropping state and replaying", failures, exc_info=err)
+        self.forget_state("poll failure")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), min(0.5 * 2 ** min(failures, 6), 30.0))
+        if self.stopping.is_set():
+            return
+        try:
+            await self.resync("after a poll failure")
+        except Exception as again:  # next cycle tries again (and backs off further)
+            log.warning("resync after a poll failure failed: %s", again)
 
     async def shutdown(self) -> None:
         """Stop consuming; record durable progress; never write a partial version."""
@@ -210,15 +254,28 @@ class Aggregator:
         # inside a flush that computes the version's offsets from the old ``processed``; emptying that
         # mapping under it would commit the version without offsets (its updates then meet ``seen``
         # in the LIVE zone on replay and are dead-lettered as duplicates).
-        self.runtimes = {}
+        dropped, self.runtimes = self.runtimes, {}
+        for runtime in dropped.values():
+            runtime.reassembler.close()  # its reservations go back to the process-wide budget
         self.processed = {}
+        self._marked = {}
+        self._wm_written = {}
         self.generation += 1
         self.metrics.consumer_lag.clear()  # partitions may have moved: no stale lag from a former owner
         for name in list(self.metrics.buffer_updates._metrics):
             self.metrics.buffer_updates.labels(*name).set(0)
 
     async def seek_to_watermarks(self, assigned: list[TopicPartition]) -> None:
-        marks = await self.store.get_watermarks(self.topic)
+        """Seek each partition to the minimum, over the federations with a mark on it, of their marks
+        (a partition without any: its beginning)."""
+        mine = {tp.partition for tp in assigned}
+        by_fed = await self.store.federation_marks(self.topic)
+        marks: dict[int, int] = {}
+        for fed, partitions in by_fed.items():
+            for partition, offset in partitions.items():
+                if partition in mine:
+                    marks[partition] = min(marks.get(partition, offset), offset)
+                    self._marked.setdefault(fed, set()).add(partition)
         beginnings = await self.consumer.beginning_offsets(assigned) if assigned else {}
         for tp in assigned:
             position = max(marks.get(tp.partition, 0), beginnings.get(tp, 0))
@@ -259,7 +316,12 @@ class Aggregator:
     ) -> None:
         kind = "unknown"
         federation = key_text(record.key)
-        runtime = await self.loader.runtime(self.runtimes, federation) if federation else None
+        try:
+            runtime = await self.loader.runtime(self.runtimes, federation) if federation else None
+        except FederationUnavailable as err:
+            self.metrics.messages_received.labels(kind).inc()
+            await self.rejections.reject(None, err, None, partition, record.offset, federation=federation)
+            return
         zone = Zone.LIVE
         if runtime is not None:
             zone = runtime.zone(partition, record.offset)
@@ -268,6 +330,7 @@ class Aggregator:
                 return
             runtime.touch(partition, record.offset)
         envelope: Envelope[Any] | None = None
+        generation = self.generation
         try:
             # Digests are checked once, later: a chunk's by the reassembler, an update's payload with
             # its validation (see ``check_and_validate``). Hashing here too would read every byte twice.
@@ -285,7 +348,9 @@ class Aggregator:
             first = (partition, record.offset)  # of the update's first message (chunk)
             if isinstance(data, AdapterUpdateChunk):
                 kind = "chunk"
-                assembled = await self.on_chunk(runtime, federation, data, (partition, record.offset), zone)
+                assembled = await self.on_chunk(
+                    runtime, federation, envelope, (partition, record.offset), zone
+                )
                 if assembled is None:
                     return
                 envelope, first = assembled
@@ -304,6 +369,19 @@ class Aggregator:
         except RejectedInput as err:
             if zone is not Zone.REPLAY:
                 await self.rejections.reject(runtime, err, envelope, partition, record.offset)
+        except RedisError:
+            raise  # the store: wait for it and replay (``run``)
+        except Exception as err:
+            # Last resort: a failure nobody foresaw must not take the process down, nor replay forever.
+            self.metrics.internal_errors.inc()
+            log.exception("internal error handling %s:%s; dead-lettering it", partition, record.offset)
+            if self.generation != generation:
+                return  # the state was dropped meanwhile: the message will be replayed
+            if zone is not Zone.REPLAY:
+                failure = RejectedInput(
+                    f"internal error: {type(err).__name__}: {err}", reason=RejectReason.INTERNAL_ERROR
+                )
+                await self.rejections.reject(runtime, failure, envelope, partition, record.offset)
         finally:
             self.metrics.messages_received.labels(kind).inc()
 
@@ -311,11 +389,13 @@ class Aggregator:
         self,
         runtime: FederationRuntime | None,
         federation: str | None,
-        chunk: AdapterUpdateChunk,
+        envelope: Envelope[AdapterUpdateChunk],
         pos: Position,
         zone: Zone,
     ) -> tuple[Envelope[Any], Position] | None:
-        """Feed a chunk to the reassembler; the whole update and its first chunk's position once complete."""
+        """Authenticate a chunk and feed it to the reassembler; the whole update and its first chunk's
+        position once complete."""
+        chunk = envelope.data
         if runtime is None:
             raise RejectedInput(
                 f"unknown federation {chunk.federation!r}", reason=RejectReason.UNKNOWN_FEDERATION
@@ -324,26 +404,31 @@ class Aggregator:
             raise RejectedInput(
                 "message key does not match the chunk's federation", reason=RejectReason.SCHEMA_INVALID
             )
-        if zone is Zone.REPLAY and await self.store.is_seen(runtime.name, chunk.update_id):
+        if zone is Zone.REPLAY and await self.store.is_seen(runtime.name, chunk.client_id, chunk.update_id):
             # A chunk of an update already in a version: its first chunks may lie below ``safe`` (not
             # replayed), so feeding it would leave an upload that never completes (and expires to the DLQ).
             self.metrics.replayed_skipped.inc()
             return None
-        started = runtime.reassembler.first_position_of(chunk.federation, chunk.client_id, chunk.update_id)
-        # In a worker thread, with the decode of the whole frame once complete: it hashes the chunk, and
-        # the whole frame once complete (tens of ms for a large update), which would stall the event loop
-        # and the consumer's fetches. The reassembler is only ever touched by this task, which waits.
-        envelope, error = await self.run_cpu(
-            add_chunk, runtime.reassembler, chunk, pos, self.settings.max_update_bytes
-        )
-        for dropped in runtime.reassembler.drain_evicted():
-            await self.rejections.expired(runtime, dropped)
-        self._gauge_chunks()
-        if error is not None:
-            raise error
-        if envelope is None:
+        started = runtime.reassembler.first_position_of(chunk)
+        await self.keys.ensure(self.redis, runtime.name, chunk.client_id)
+        # In a worker thread, with the signature check first and the decode of the whole frame once
+        # complete: it hashes the chunk, and the whole frame once complete (tens of ms for a large
+        # update), which would stall the event loop and the consumer's fetches. The reassembler is only
+        # ever touched by this task, which waits.
+        try:
+            whole = await self.run_cpu(
+                add_chunk,
+                runtime.reassembler,
+                envelope,
+                self.keys.view(runtime.name),
+                pos,
+                self.settings.max_update_bytes,
+            )
+        finally:
+            self._gauge_chunks()
+        if whole is None:
             return None
-        return envelope, pos if started is None else min(started, pos)
+        return whole, pos if started is None else min(started, pos)
 
     async def on_update(
         self,
@@ -371,10 +456,15 @@ class Aggregator:
         fed_metrics = self.metrics.of(runtime.name)
         fed_metrics.received.inc()
         fed_metrics.version.set(runtime.latest)  # also after a load or rollback
-        buffered = runtime.is_buffered(update.update_id)
+        # Another client's update with this id may be buffered (or parked): ids are deduplicated per
+        # client, but the buffer is keyed by update id. Flush it out first (rare: ids are random). False:
+        # the state was dropped meanwhile, and this message is replayed.
+        if not await self._flush_out(runtime, update):
+            return
+        buffered = self._buffered_by(runtime, update)
         seen = ready.seen if ready is not None and ready.runtime is runtime else None
         if seen is None and not buffered:
-            seen = await self.store.is_seen(runtime.name, update.update_id)
+            seen = await self.store.is_seen(runtime.name, update.client_id, update.update_id)
         if buffered or seen:
             if zone is Zone.REPLAY:
                 self.metrics.replayed_skipped.inc()
@@ -389,14 +479,14 @@ class Aggregator:
             )
         valid = ready.validated(runtime) if ready is not None else None
         if valid is None:
-            await self.keys.ensure(self.redis, update.client_id)
+            await self.keys.ensure(self.redis, runtime.name, update.client_id)
             self.metrics.in_flight.inc()
             try:
                 valid = await self.run_cpu(
                     check_and_validate,
                     envelope,
                     runtime.view(),
-                    self.keys,
+                    self.keys.view(runtime.name),
                     max_decoded_bytes=self.settings.max_decoded_bytes,
                 )
             finally:
@@ -413,6 +503,34 @@ class Aggregator:
         if full:
             await self.flush(runtime, handled=pos)
 
+    @staticmethod
+    def _buffered_by(runtime: FederationRuntime, update: AdapterUpdate) -> bool:
+        """Whether this client's update ``update.update_id`` is buffered or parked."""
+        info = runtime.buffered.get(update.update_id)
+        if info is None:
+            return False
+        return info.header is None or info.header.client_id == update.client_id
+
+    async def _flush_out(self, runtime: FederationRuntime, update: AdapterUpdate) -> bool:
+        """Flush until another client's update with ``update.update_id`` is no longer buffered or parked.
+        False when the state was dropped meanwhile (a resync: the caller returns, replay follows)."""
+        generation = self.generation
+        for _ in range(1000):  # each flush commits the buffer; parked updates refill it: bounded anyway
+            if not runtime.is_buffered(update.update_id) or self._buffered_by(runtime, update):
+                return True
+            before = len(runtime.buffered)
+            await self.flush(runtime)
+            if self.generation != generation or self.runtimes.get(runtime.name) is not runtime:
+                return False
+            if len(runtime.buffered) >= before:
+                break  # no progress (a failed flush): refuse rather than spin
+        if runtime.is_buffered(update.update_id) and not self._buffered_by(runtime, update):
+            raise RejectedInput(
+                f"update id {update.update_id!r} is being aggregated for another client; send it again",
+                reason=RejectReason.DUPLICATE,
+            )
+        return True
+
     async def flush(self, runtime: FederationRuntime, handled: Position | None = None) -> None:
         """Commit the buffer as a new version. ``handled`` is the message that filled the buffer: this
         commit fully handles it, so the offsets stored with the version must lie past it (else a replay
@@ -421,23 +539,45 @@ class Aggregator:
         if handled is not None:
             partition, offset = handled
             processed = {**processed, partition: max(processed.get(partition, 0), offset + 1)}
-        try:
-            version = await self.writer.flush(runtime, processed)
-        except CommitConflict as err:
-            self.metrics.commit_conflicts.labels(runtime.name).inc()
-            log.warning("federation %s moved under us (%s): reloading and replaying", runtime.name, err)
-            await self.resync(f"commit conflict on {runtime.name}")
-        except Exception:
-            # An internal failure (encoding, Redis): never blame the message that filled the buffer.
-            # The taken buffer is replayed after the resync, so nothing is lost.
-            self.metrics.flush_failures.labels(runtime.name).inc()
-            log.exception("flush of %s failed; dropping state and replaying", runtime.name)
-            await asyncio.sleep(1.0)  # do not spin if the failure persists
-            await self.resync(f"flush failure on {runtime.name}")
-        else:
-            if version is not None:
-                self._live_due.add(runtime.name)  # written once per poll cycle (see refresh_live)
+        while True:  # more than once only after poisoned updates, or when parked updates refill the buffer
+            try:
+                version = await self.writer.flush(runtime, processed)
+            except PoisonedUpdates as err:
+                # --- issue 12 (helper D1): a deterministic fold failure. The writer isolated the culprits
+                # (queued in runtime.refused, reason fold_failed) and put the rest back: dead-letter them,
+                # flush the rest (if a version may be made of what is left), never replay the same buffer.
+                self.metrics.flush_failures.labels(runtime.name).inc()
+                log.warning("flush of %s: %s; dead-lettering and flushing the rest", runtime.name, err)
+                await self.dead_letter_refused(runtime)
+                if len(runtime.buffer) >= runtime.spec.aggregation.flush_min_updates:
+                    continue
+            except CommitConflict as err:
+                self.metrics.commit_conflicts.labels(runtime.name).inc()
+                log.warning("federation %s moved under us (%s): reloading and replaying", runtime.name, err)
+                await self.resync(f"commit conflict on {runtime.name}")
+            except Exception:
+                # An internal failure (encoding, Redis): never blame the message that filled the buffer.
+                # The taken buffer is replayed after the resync, so nothing is lost.
+                self.metrics.flush_failures.labels(runtime.name).inc()
+                log.exception("flush of %s failed; dropping state and replaying", runtime.name)
+                await asyncio.sleep(1.0)  # do not spin if the failure persists
+                await self.resync(f"flush failure on {runtime.name}")
+            else:
+                if version is not None:
+                    self._live_due.add(runtime.name)  # written once per poll cycle (see refresh_live)
+                # issue 12 (D1): parked updates entered the new buffer; some may have been refused (too stale)
+                await self.dead_letter_refused(runtime)
+                if version is not None and runtime.buffer.full():
+                    continue
+            break
         self.metrics.buffer_updates.labels(runtime.name).set(len(runtime.buffer))
+
+    async def dead_letter_refused(self, runtime: FederationRuntime) -> None:
+        """Dead-letter updates refused after they were buffered or parked (issue 12, helper D1): a parked
+        update too stale for the next buffer, or one whose fold failed. Counted with the next commit."""
+        for refused in runtime.take_refused():
+            partition, offset = refused.position
+            await self.rejections.reject(runtime, refused.error, refused.envelope, partition, offset)
 
     async def set_live(self, runtime: FederationRuntime) -> None:
         """Refresh the informational ``live`` hash (buffered updates) after a durable commit."""
@@ -467,7 +607,7 @@ class Aggregator:
                 await self.rejections.expired(runtime, dropped)
         self._gauge_chunks()
         await self.commit_progress()
-        await self.keys.refresh(self.redis, force=False)
+        await self.keys.refresh(self.redis, list(self.runtimes))  # rate-limited; reloads moved epochs only
         self._gauge_lag()
 
     async def commit_progress(self) -> None:
@@ -492,9 +632,17 @@ class Aggregator:
         await self.raise_watermarks()
 
     async def raise_watermarks(self) -> None:
+        """Commit the partition positions to Kafka (fencing), then raise the federations' watermarks.
+
+        Per federation and partition: its own first pending message, or the processed position when it
+        has none (loaded federations, on the partitions they have messages or marks on), and the processed
+        position for the federations known (from the seek) to have a mark on the partition but not loaded
+        since: they have had no message there since the seek, which was at or below their mark."""
+        processed = self.processed  # one generation's positions throughout (see forget_state)
+        runtimes = self.runtimes
         marks: dict[int, int] = {}
-        for partition, position in self.processed.items():
-            pending = [o for r in self.runtimes.values() if (o := r.first_pending(partition)) is not None]
+        for partition, position in processed.items():
+            pending = [o for r in runtimes.values() if (o := r.first_pending(partition)) is not None]
             marks[partition] = min([position, *pending])
         if not marks:
             return
@@ -504,13 +652,33 @@ class Aggregator:
         except Exception as err:
             log.warning("Kafka offset commit failed, watermarks not raised: %s", err)
             return
-        await self.store.raise_watermarks(self.topic, marks)
+        by_fed: dict[str, dict[int, int]] = {}
+        for fed, partitions in self._marked.items():
+            by_fed[fed] = {p: processed[p] for p in partitions if p in processed}
+        for fed, runtime in runtimes.items():
+            own = by_fed.setdefault(fed, {})
+            for p in runtime.partitions() | set(own):
+                if p in processed:
+                    first = runtime.first_pending(p)
+                    own[p] = processed[p] if first is None else min(processed[p], first)
+        by_fed = {
+            fed: {p: o for p, o in parts.items() if self._wm_written.get((fed, p)) != o}
+            for fed, parts in by_fed.items()
+        }
+        by_fed = {fed: parts for fed, parts in by_fed.items() if parts}
+        if not by_fed:
+            return
+        await self.store.raise_watermarks(self.topic, by_fed)
+        for fed, parts in by_fed.items():
+            for p, o in parts.items():
+                self._wm_written[(fed, p)] = o
 
     def _gauge_chunks(self) -> None:
         self.metrics.inflight_uploads.set(sum(r.reassembler.pending_uploads for r in self.runtimes.values()))
         self.metrics.inflight_chunk_bytes.set(
             sum(r.reassembler.pending_bytes for r in self.runtimes.values())
         )
+        self.metrics.reassembly_reserved.set(self.budget.reserved)
 
     def _gauge_lag(self) -> None:
         for tp in self.consumer.assignment():

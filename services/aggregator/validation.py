@@ -5,6 +5,12 @@ Checks, cheapest first: federation matches, signature (HMAC over the canonical h
 the payload digest), spec fingerprint, base version (future / rolled back / too stale), decode
 (bounded), tensor names, shapes, finiteness, L2 norm bound (reject mode; clip mode clips in the
 merge). Duplicates need Redis and the buffer, so the service checks them itself.
+
+The norm is the merge's: :func:`services.aggregator.math.robust.l2_norm` (float64) of the delta as the
+merge sees it (projected by the LoRA mode: under ``ffa`` the ``lora_A`` entries are dropped), so "within
+the bound" here means "not clipped" there, and a finite float32 value like 1e20 is clipped in the merge,
+never an overflow. :func:`foldable_norm` is the check, at admission, that the clipped, weighted delta is
+finite (so the fold cannot fail on data).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from typing import Any
 
 import torch
 
-from schemas.codec import decode_tensors, state_l2_norm
+from schemas.codec import decode_tensors
 from schemas.errors import RejectedInput, RejectReason
-from schemas.events import AdapterUpdate, Envelope, FederationSpec
+from schemas.events import AdapterUpdate, AggregationSpec, Envelope, FederationSpec
 from schemas.signing import KeyStore, verify_update
+from services.aggregator.math.lora_modes import project_delta
+from services.aggregator.math.robust import clip_scale, l2_norm
 
 StateDict = dict[str, torch.Tensor]
 
@@ -91,6 +99,35 @@ def check_tensors(delta: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[
             )
 
 
+def merge_norm(delta: Mapping[str, torch.Tensor], agg: AggregationSpec) -> float:
+    """The L2 norm the merge clips (of the delta projected by ``agg.lora_mode``), after checking that every
+    value is finite and that the clipped delta is (``NON_FINITE`` otherwise). One float64 pass per tensor:
+    the float64 sum of squares of finite float32 values cannot overflow, so a norm is finite exactly when
+    every value is."""
+    merged = project_delta(dict(delta), agg.lora_mode)
+    norm = l2_norm(merged)
+    rest = {k: v for k, v in delta.items() if k not in merged}
+    if not math.isfinite(norm) or (rest and not math.isfinite(l2_norm(rest))):
+        raise RejectedInput("the delta contains NaN or Inf values", reason=RejectReason.NON_FINITE)
+    try:
+        foldable_norm(norm, agg)
+    except ValueError as err:
+        raise RejectedInput(str(err), reason=RejectReason.NON_FINITE) from None
+    return norm
+
+
+def foldable_norm(norm: float, agg: AggregationSpec) -> float:
+    """The norm of the delta as the merge adds it (clipped to ``max_update_norm``; weights are <= 1), or
+    ``ValueError`` when it is not finite. With a bound it is at most ``max_update_norm`` (<= 1e6), so a
+    sum of K of them is finite too."""
+    if not math.isfinite(norm):
+        raise ValueError(f"the delta's norm is not finite ({norm})")
+    bounded = norm if agg.max_update_norm is None else norm * clip_scale(norm, agg.max_update_norm)
+    if not math.isfinite(bounded):
+        raise ValueError(f"the clipped delta's norm is not finite ({bounded})")
+    return bounded
+
+
 def validate_update(
     envelope: Envelope[Any],
     view: FederationView,
@@ -119,12 +156,8 @@ def validate_update(
     staleness = staleness_of(update, view)
     delta = decode_tensors(update.payload, update.encoding, max_decoded_bytes=max_decoded_bytes)
     check_tensors(delta, view.shapes)
-    # One pass instead of two: the float64 sum of squares of finite float32 values cannot overflow,
-    # so the norm is finite exactly when every value is.
-    norm = state_l2_norm(delta)
-    if not math.isfinite(norm):
-        raise RejectedInput("the delta contains NaN or Inf values", reason=RejectReason.NON_FINITE)
     agg = view.spec.aggregation
+    norm = merge_norm(delta, agg)
     if agg.max_update_norm is not None and agg.norm_policy == "reject" and norm > agg.max_update_norm:
         raise RejectedInput(
             f"L2 norm {norm:.4g} exceeds the bound {agg.max_update_norm:.4g}",

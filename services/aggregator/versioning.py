@@ -1,4 +1,15 @@
-"""Turning a full (or timed-out) buffer into a committed, announced global version."""
+"""Turning a full (or timed-out) buffer into a committed, announced global version.
+
+**Poison-proof flush** (issue 12). The fold cannot fail on data that passed validation: validation and the
+fold use the same float64 norm (:func:`services.aggregator.math.robust.l2_norm`), clipping multiplies in
+float64, ``max_update_norm`` is bounded. Should the fold still raise for a reason that is not
+infrastructure (``ValueError``/``ArithmeticError``, see :data:`DATA_ERRORS`), :meth:`VersionWriter.flush`
+isolates the update(s) that cause it (:func:`isolate_poisoned`), puts the others back into the buffer,
+queues the culprits in ``runtime.refused`` (reason ``fold_failed``) and raises :class:`PoisonedUpdates`;
+the service dead-letters them and flushes again, so the federation moves on. Anything else (Redis,
+Kafka, memory) keeps the resync-and-replay path. After a commit, parked updates enter the new buffer
+(``runtime.admit_parked``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +23,9 @@ from typing import Any
 
 import torch
 
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import encode_tensors, sha256_hex
+from schemas.errors import PFIError, RejectedInput, RejectReason
 from schemas.events import AggregationSpec, GlobalVersionPublished, utcnow
 from schemas.records import UpdateContribution, VersionMeta
 from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, aggregate
@@ -21,11 +34,24 @@ from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import BufferedInfo, FederationRuntime
 from services.aggregator.validation import StateDict
-from services.store.versions import VersionCommit, VersionStore
-from modeling.blobs import BLOB_ENCODING
+from services.store.keys import seen_member
+from services.store.versions import NotReplicated, VersionCommit, VersionStore
 
 log = logging.getLogger("pfi.aggregator")
 RunCpu = Callable[..., Awaitable[Any]]
+DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, ArithmeticError)
+"""What the fold raises for its data (shapes, non-finite values, overflow): a deterministic failure that
+replaying the same buffer would meet again. Not MemoryError or torch's RuntimeError (out of memory)."""
+
+
+class PoisonedUpdates(PFIError):
+    """The fold failed because of these buffered updates: they are queued in ``runtime.refused``
+    (``fold_failed``) and the rest is back in the buffer. The caller dead-letters and flushes again."""
+
+    def __init__(self, update_ids: list[str], detail: str) -> None:
+        super().__init__(f"fold failed because of update(s) {update_ids}: {detail}")
+        self.update_ids = update_ids
+        self.detail = detail
 
 
 class VersionWriter:
@@ -55,14 +81,25 @@ class VersionWriter:
         spec = runtime.spec
         agg = spec.aggregation
         generator = torch.Generator().manual_seed(secrets.randbits(62))
-        result, blob, opt_blob = await self.run_cpu(
-            fold_and_encode,
-            runtime.global_state,
-            [item for item, _ in taken],
-            agg,
-            runtime.opt_state,
-            generator,
-        )
+        items = [item for item, _ in taken]
+        try:
+            result, blob, opt_blob = await self.run_cpu(
+                fold_and_encode, runtime.global_state, items, agg, runtime.opt_state, generator
+            )
+        except DATA_ERRORS as err:
+            poisoned = await self.run_cpu(
+                isolate_poisoned, runtime.global_state, items, agg, runtime.opt_state
+            )
+            if not poisoned:  # not reproducible update by update: treat it as an internal failure
+                runtime.restore_buffer(taken, {})
+                raise
+            refuse = {
+                uid: RejectedInput(f"the merge failed on this update: {why}", reason=RejectReason.FOLD_FAILED)
+                for uid, why in poisoned.items()
+            }
+            runtime.restore_buffer(taken, refuse)
+            log.warning("%s: fold failed (%s); isolated %s", runtime.name, err, sorted(poisoned))
+            raise PoisonedUpdates(sorted(poisoned), str(err)) from err
         accountant = runtime.accountant
         epsilon: float | None = None
         if agg.dp_noise_multiplier > 0:
@@ -102,26 +139,34 @@ class VersionWriter:
         stats: Counter[str] = Counter(runtime.pending_stats)
         stats["accepted_total"] += len(taken)
         stats["aggregated_total"] += len(taken)
-        await self.store.commit_version(
-            VersionCommit(
-                federation=runtime.name,
-                expected_latest=runtime.latest,
-                expected_head=runtime.head,
-                version=version,
-                blob=blob,
-                meta=meta,
-                offsets=offsets,
-                update_ids=tuple(item.update_id for item, _ in taken),
-                stat_increments=dict(stats),
-                optimizer_blob=opt_blob,
-                accountant_json=_accountant_json(accountant, epsilon),
-                keep_versions=agg.keep_versions,
-                event_json=envelope.model_dump_json(),
-            )
+        commit = VersionCommit(
+            federation=runtime.name,
+            expected_latest=runtime.latest,
+            expected_head=runtime.head,
+            version=version,
+            blob=blob,
+            meta=meta,
+            offsets=offsets,
+            seen_members=tuple(seen_member(item.client_id, item.update_id) for item, _ in taken),
+            stat_increments=dict(stats),
+            optimizer_blob=opt_blob,
+            accountant_json=_accountant_json(accountant, epsilon),
+            keep_versions=agg.keep_versions,
+            event_json=envelope.model_dump_json(),
         )
+        # issue 12 (helper D2): with PFI_REDIS_WAIT_REPLICAS, a version is announced on Kafka only once
+        # that many replicas acknowledged it; else it is committed (and used) but not announced.
+        replicated = True
+        try:
+            await self.store.commit_version(commit)
+        except NotReplicated as err:
+            replicated = False
+            self.metrics.unreplicated_versions.labels(runtime.name).inc()
+            log.error("%s; not announcing it on Kafka", err)
         runtime.apply(result, version)
         runtime.accountant = accountant
         runtime.mark_durable(offsets, self.topic)
+        runtime.admit_parked()  # the next buffer starts with the updates that waited for this one
         elapsed = time.perf_counter() - started
         name = runtime.name
         self.metrics.aggregation_seconds.labels(name).observe(elapsed)
@@ -133,7 +178,8 @@ class VersionWriter:
         if epsilon is not None:
             self.metrics.dp_epsilon.labels(name).set(epsilon)
         log.info("%s v%d <- %d update(s) in %.3fs", name, version, len(taken), elapsed)
-        await self.publisher.announce(envelope)  # after the metrics: they describe the commit itself
+        if replicated:
+            await self.publisher.announce(envelope)  # after the metrics: they describe the commit itself
         return version
 
 
@@ -154,6 +200,25 @@ def fold_and_encode(
         opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
         opt_blob = encode_tensors(opt_tensors, BLOB_ENCODING)
     return result, blob, opt_blob
+
+
+def isolate_poisoned(
+    global_state: StateDict, items: list[BufferedUpdate], agg: AggregationSpec, opt_state: ServerOptState
+) -> dict[str, str]:
+    """The updates that make the fold fail (worker thread): update id -> why. Greedy, in buffer order:
+    an update is kept when the fold of the kept ones plus it succeeds, else it is a culprit. So the
+    kept ones always fold together (the retry cannot fail on them), whether a failure comes from one
+    update alone or from a combination (then the one that tips it over is refused). K folds at most."""
+    kept: list[BufferedUpdate] = []
+    bad: dict[str, str] = {}
+    for item in items:
+        try:
+            aggregate(global_state, [*kept, item], agg, opt_state, generator=torch.Generator().manual_seed(0))
+        except DATA_ERRORS as err:
+            bad[item.update_id] = str(err) or type(err).__name__
+        else:
+            kept.append(item)
+    return bad
 
 
 def _contributions(

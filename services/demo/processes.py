@@ -23,6 +23,7 @@ import httpx
 from schemas.errors import PFIError
 from services.demo.config import REPO_ROOT
 from services.settings import PFISettings
+from services.transport import kafka_env
 
 #: ``PFISettings`` fields handed to the children (everything the demo, a benchmark or a test may set).
 SETTINGS_FIELDS = (
@@ -35,8 +36,6 @@ SETTINGS_FIELDS = (
     "kafka_max_message_bytes",
     "chunk_ttl_s",
     "max_inflight_chunk_bytes",
-    "keys_file",
-    "signing_master_key",
 )
 
 
@@ -67,7 +66,7 @@ def free_ports(count: int) -> list[int]:
 def child_env(settings: PFISettings, **extra: str) -> dict[str, str]:
     """The environment of a child that sees exactly ``settings`` (plus ``extra``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
-    env["PFI_KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap()
+    env.update(kafka_env(settings))  # bootstrap servers, protocol, credentials file
     env["PFI_REDIS_URL"] = settings.redis()
     for name in SETTINGS_FIELDS:
         value = getattr(settings, name)

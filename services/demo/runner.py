@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from clients.data import tokenize
 from clients.http_source import HttpGlobalSource
 from clients.training import AdapterTrainer
+from modeling.base import load_base_model
 from schemas.errors import PFIError
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
 from services.demo import evaluation, report
@@ -47,8 +48,8 @@ from services.demo.config import DemoConfig
 from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.demo.simulation import DeviceModel, FleetRunner, RunResult, speedup
 from services.federation.admin import create_federation
-from modeling.base import load_base_model
 from services.personalization.auth import TokenSigner
+from services.personalization.harness import FederationTokens
 from services.settings import PFISettings
 from services.stack import manager
 from services.stack.topics import delete_topics, ensure_topics
@@ -105,7 +106,13 @@ def federation_specs(cfg: DemoConfig, users: int) -> tuple[FederationSpec, Feder
         lora=lora,
         seed=cfg.seed,
         aggregation=AggregationSpec(
-            buffer_size=cfg.async_buffer, staleness="polynomial", staleness_a=cfg.staleness_a, **common
+            buffer_size=cfg.async_buffer,
+            staleness="polynomial",
+            staleness_a=cfg.staleness_a,
+            # The simulated fleet is trusted and a fast device may finish twice within K updates; the demo
+            # expects a version every K updates, so it lifts the one-update-per-client-per-buffer limit.
+            max_client_updates=cfg.async_buffer,
+            **common,
         ),
     )
     sync_spec = FederationSpec(
@@ -177,12 +184,7 @@ class Demo:
         self.out = cfg.out_dir()
         self.phases = Phases(echo)
         self.base_settings = PFISettings()
-        self.settings = self.base_settings.model_copy(
-            update={
-                "topic_prefix": cfg.run_name,
-                "signing_master_key": secrets.token_hex(32),
-            }
-        )
+        self.settings = self.base_settings.model_copy(update={"topic_prefix": cfg.run_name})
         self.token_secret = secrets.token_hex(32)
         self.signer = TokenSigner(self.token_secret.encode())
         self.processes: list[ServiceProcess] = []
@@ -230,7 +232,7 @@ class Demo:
             child_env(
                 self.settings,
                 PFI_AGGREGATOR_PORT=str(agg_port),
-                PFI_AGGREGATOR_GROUP_ID=self.cfg.run_name,
+                PFI_AGGREGATOR_GROUP_ID=f"pfi-aggregator-{self.cfg.run_name}",
                 PFI_AGGREGATOR_PROGRESS_INTERVAL_S="0.5",
                 PFI_AGGREGATOR_POLL_TIMEOUT_MS="50",
             ),
@@ -316,12 +318,13 @@ class Demo:
             + ", ".join(f"{u} {devices.speeds[u]:.2f}" for u in sorted(users))
             + f" (slowest/median {speeds[-1] / statistics.median(speeds):.2f}x)"
         )
-        fleet_token = self.signer.issue("demo-fleet", ttl_s=24 * 3600)
-        source = HttpGlobalSource(serve.url, fleet_token, timeout_s=120.0)
+        source = HttpGlobalSource(serve.url, "per-federation", timeout_s=120.0)
+        source.client.auth = FederationTokens(self.signer, "demo-fleet")  # a token per federation
         workdir = Path(tempfile.mkdtemp(prefix="pfi-demo-outbox-"))
         fleet = FleetRunner(
             cfg, self.settings, trainer, source, store, aggregator, users, curve_texts, devices, workdir,
             lambda line: self.echo(f"  {line}"),
+            device_token=lambda client_id, fed: self.signer.issue(client_id, federation=fed, role="device"),
         )  # fmt: skip
         try:
             total = cfg.rounds * len(users)

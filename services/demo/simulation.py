@@ -3,8 +3,10 @@
 Two CPU cores cannot run dozens of devices at once, so device *time* is simulated while everything else
 is real: every update is trained for real (:class:`~clients.agent.EdgeAgent` on the shared
 :class:`~clients.training.AdapterTrainer`), clipped, encoded, signed, queued in the agent's outbox and
-sent through Kafka to the real ``pfi aggregator`` process, which commits versions to Redis; agents
-download the global adapter from the real ``pfi serve`` process.
+uploaded with a device token to the real ``pfi serve`` process's ingest route, which produces it to
+Kafka for the real ``pfi aggregator`` process, which commits versions to Redis; agents download the
+global adapter from ``pfi serve`` too. The fleet's keys are registered in each federation's client
+registry, as an operator would; device tokens are minted with the serve process's token secret.
 
 Device model (identical for both runs): client ``i`` has a speed factor ``m_i ~ lognormal(0, sigma)``
 (seeded); one update of client ``i`` in its round ``r`` takes ``m_i * steps * step_seconds + U(0,
@@ -41,6 +43,7 @@ import hashlib
 import heapq
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,32 +51,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import torch
 
-from clients.agent import (
-    AgentOptions,
-    EdgeAgent,
-    KafkaSender,
-    MemoryPersonalStore,
-    OutboxPublisher,
-    RoundResult,
-)
+from clients.agent import AgentOptions, EdgeAgent, RoundResult
 from clients.data import UserData
 from clients.http_source import HttpGlobalSource
-from clients.outbox import Outbox
+from clients.outbox import Outbox, OutboxPublisher
+from clients.personal import MemoryPersonalStore
 from clients.source import GlobalAdapter
 from clients.training import AdapterTrainer, TrainConfig, TrainResult
+from clients.uploader import HttpUpdateSender
 from schemas.errors import PFIError
 from schemas.events import FederationSpec
 from schemas.signing import derive_client_key
 from services.demo.config import DemoConfig
 from services.demo.processes import ServiceProcess
 from services.federation.admin import federation_status
+from services.identity import ClientRegistry
 from services.settings import PFISettings
 from services.store.versions import VersionStore
 
 StateDict = dict[str, torch.Tensor]
 Echo = Callable[[str], None]
+#: ``(client_id, federation) -> device token`` (minted with the serve process's token secret).
+DeviceTokens = Callable[[str, str], str]
 
 
 def seeded_rng(*parts: object) -> random.Random:
@@ -259,6 +261,8 @@ class FleetRunner:
         devices: DeviceModel,
         workdir: Path,
         echo: Echo,
+        *,
+        device_token: DeviceTokens,
     ) -> None:
         self.cfg = cfg
         self.settings = settings
@@ -271,12 +275,11 @@ class FleetRunner:
         self.devices = devices
         self.workdir = workdir
         self.echo = echo
+        self.device_token = device_token
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfi-demo-train")
         self.first_rounds = FirstRoundCache(trainer)
         self._last_line = time.monotonic()
-        self.master = bytes.fromhex(settings.signing_master_key or "")
-        if len(self.master) < 16:
-            raise PFIError("the demo needs PFI_SIGNING_MASTER_KEY (hex, >= 16 bytes) in its settings")
+        self.master = secrets.token_bytes(32)  # the fleet's keys: derived here, registered per federation
         self.eval_seq_len = cfg.eval_tokens  # one block per chunk, equal lengths: batched
 
     def close(self) -> None:
@@ -294,12 +297,29 @@ class FleetRunner:
             eval_sequences=2,
         )
 
-    def _clients(self, federation: str, sender: KafkaSender, personal: MemoryPersonalStore) -> list[_Client]:
+    async def _register_keys(self, federation: str) -> None:
+        """Register the fleet's keys in the federation's client registry, as an operator would."""
+        ids = [f"{self.cfg.run_name}-{user}"[:128] for user in sorted(self.users)]
+        keys = {c: derive_client_key(self.master, c) for c in ids}
+        await ClientRegistry(self.store.redis).register_many(federation, keys, via="demo")
+
+    def _sender(self, http: httpx.AsyncClient, federation: str, client_id: str) -> HttpUpdateSender:
+        """The device's uploader: the serve process's ingest route, with its own device token."""
+
+        async def token() -> str:
+            return self.device_token(client_id, federation)
+
+        return HttpUpdateSender(self.source.base_url, token, client=http)
+
+    def _clients(
+        self, federation: str, http: httpx.AsyncClient, personal: MemoryPersonalStore
+    ) -> list[_Client]:
         clients = []
         cache: dict[tuple[str, int], GlobalAdapter] = {}
         for user in sorted(self.users):
             source = PinnedSource(self.source, cache)
             client_id = f"{self.cfg.run_name}-{user}"[:128]
+            sender = self._sender(http, federation, client_id)
             outbox = Outbox(self.workdir / federation / user)
             agent = EdgeAgent(
                 federation,
@@ -309,7 +329,6 @@ class FleetRunner:
                 cast(AdapterTrainer, self.first_rounds),  # the same calls, first rounds remembered
                 outbox,
                 sender,
-                self.settings,
                 None,
                 AgentOptions(drain=False),
                 client_id=client_id,
@@ -434,8 +453,9 @@ class FleetRunner:
         hits = self.first_rounds.hits
         personal = MemoryPersonalStore()
         began = time.perf_counter()
-        async with KafkaSender(self.settings, client_id=f"{fed}-fleet") as sender:
-            clients = self._clients(fed, sender, personal)
+        async with httpx.AsyncClient(timeout=120.0) as http:
+            await self._register_keys(fed)
+            clients = self._clients(fed, http, personal)
             self._say(result, await self._point(fed, 0, 0.0, began, result), total)
             queue: list[tuple[float, int, int]] = []  # (completion time, tie-break, client index)
             counter = 0
@@ -488,8 +508,9 @@ class FleetRunner:
         rounds = math.ceil(total / size)
         began = time.perf_counter()
         now = 0.0
-        async with KafkaSender(self.settings, client_id=f"{fed}-fleet") as sender:
-            clients = self._clients(fed, sender, personal)
+        async with httpx.AsyncClient(timeout=120.0) as http:
+            await self._register_keys(fed)
+            clients = self._clients(fed, http, personal)
             self._say(result, await self._point(fed, 0, 0.0, began, result), rounds * size)
             for round_index in range(rounds):
                 done = []

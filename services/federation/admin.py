@@ -7,45 +7,51 @@ import json
 from typing import Any
 
 import torch
-from redis.asyncio import Redis
 
+from modeling.base import load_base_model
+from modeling.blobs import BLOB_ENCODING
+from modeling.lora import init_adapter
 from schemas.codec import encode_tensors, sha256_hex
 from schemas.errors import ConfigError
-from schemas.events import FederationSpec, GlobalVersionPublished, make_envelope, utcnow
+from schemas.events import Envelope, FederationSpec, GlobalVersionPublished, make_envelope, utcnow
 from schemas.records import VersionMeta
-from schemas.signing import RedisKeyStore, generate_key
-from modeling.base import load_base_model
-from modeling.lora import init_adapter
 from services.store.versions import StoreError, UnknownFederation, VersionCommit, VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 SOURCE = "pfi://admin"
 
 
 async def create_federation(store: VersionStore, spec: FederationSpec) -> VersionMeta:
-    """Store the spec and the seeded v0 adapter (PEFT initialization). Refuses an existing name."""
-    if not await store.put_spec(spec):
-        existing = await store.get_spec(spec.name)
-        latest = await store.latest(spec.name)
-        if existing != spec or latest is not None:
-            raise ConfigError(f"federation {spec.name!r} already exists")
+    """Store the spec and the seeded v0 adapter (PEFT initialization) in one atomic step: the base model
+    is loaded and v0 computed before anything is written, so a failure leaves nothing behind. Refuses
+    an existing name (:class:`ConfigError`)."""
+    if await store.get_spec(spec.name) is not None and await store.latest(spec.name) is not None:
+        raise ConfigError(f"federation {spec.name!r} already exists")  # fail fast, before loading the model
     base = await asyncio.to_thread(load_base_model, spec.base_model)
     state = await asyncio.to_thread(init_adapter, spec, base.model)
-    return await commit_state(store, spec, state)
+    return await create_with_state(store, spec, state)
 
 
-async def commit_state(
+async def create_with_state(
     store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor], *, source: str = SOURCE
 ) -> VersionMeta:
-    """Commit ``state`` as the federation's next version (v0 when it has none) with its announcement,
-    outside the aggregator: federation creation, benchmarks and tests of the serving path."""
-    latest, head = await store.pointers(spec.name)
-    version = 0 if head is None else head + 1
+    """Create a federation whose v0 is ``state`` (spec + v0 atomically; see :func:`create_federation`)."""
     blob = await asyncio.to_thread(encode_tensors, state, BLOB_ENCODING)
+    meta, envelope = _version_records(spec, 0, None, blob, source)
+    try:
+        await store.create_federation(spec, blob, meta, envelope.model_dump_json())
+    except StoreError as err:
+        raise ConfigError(f"federation {spec.name!r}: {err}") from None
+    return meta
+
+
+def _version_records(
+    spec: FederationSpec, version: int, parent: int | None, blob: bytes, source: str
+) -> tuple[VersionMeta, Envelope[GlobalVersionPublished]]:
+    """The metadata and the announcement (with the blob's digest) of a version made outside the aggregator."""
     meta = VersionMeta(
         federation=spec.name,
         version=version,
-        parent=latest,
+        parent=parent,
         kind="init" if version == 0 else "aggregate",
         created_at=utcnow(),
         digest=sha256_hex(blob),
@@ -56,13 +62,25 @@ async def commit_state(
     event = GlobalVersionPublished(
         federation=spec.name,
         version=version,
-        parent=latest,
+        parent=parent,
         digest=meta.digest,
         num_updates=0,
         size_bytes=len(blob),
         created_at=meta.created_at,
     )
     envelope = make_envelope(event, source=source, subject=spec.name, event_id=f"{spec.name}-v{version}")
+    return meta, envelope
+
+
+async def commit_state(
+    store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor], *, source: str = SOURCE
+) -> VersionMeta:
+    """Commit ``state`` as the federation's next version (v0 when it has none) with its announcement,
+    outside the aggregator: federation creation, benchmarks and tests of the serving path."""
+    latest, head = await store.pointers(spec.name)
+    version = 0 if head is None else head + 1
+    blob = await asyncio.to_thread(encode_tensors, state, BLOB_ENCODING)
+    meta, envelope = _version_records(spec, version, latest, blob, source)
     await store.commit_version(
         VersionCommit(
             federation=spec.name,
@@ -146,13 +164,6 @@ async def rollback_federation(store: VersionStore, name: str, to: int) -> int | 
     )
     envelope = make_envelope(event, source=SOURCE, subject=name)
     return await store.rollback(name, to, envelope.model_dump_json())
-
-
-async def register_client(redis: Redis, client_id: str, key: bytes | None = None) -> bytes:
-    """Create (or replace) a client's HMAC key in the Redis registry; returns it."""
-    key = key or generate_key()
-    await RedisKeyStore().put(redis, client_id, key)
-    return key
 
 
 async def require(store: VersionStore, name: str) -> FederationSpec:

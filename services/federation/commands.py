@@ -1,11 +1,10 @@
-"""``pfi federation create | list | status | rollback | pin`` and ``pfi keys add``."""
+"""``pfi federation create | list | status | rollback | pin`` (devices: ``pfi clients``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -148,15 +147,6 @@ def _pin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_add(args: argparse.Namespace) -> int:
-    from services.federation import admin
-
-    key = bytes.fromhex(args.key) if args.key else None
-    created = _with_store(lambda store: admin.register_client(store.redis, args.client, key))
-    print(created.hex() if not args.quiet else "", end="\n" if not args.quiet else "", file=sys.stdout)
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fed = subparsers.add_parser("federation", help="create, list, inspect and roll back federations")
     sub = fed.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -194,11 +184,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     pin.add_argument("version", type=int)
     pin.add_argument("--unpin", action="store_true")
     pin.set_defaults(func=_pin)
-
-    keys = subparsers.add_parser("keys", help="client signing keys (Redis registry)")
-    ksub = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add = ksub.add_parser("add", help="register a client; prints its hex HMAC key")
-    add.add_argument("client")
-    add.add_argument("--key", help="hex key to register instead of a random one")
-    add.add_argument("--quiet", action="store_true")
-    add.set_defaults(func=_keys_add)

@@ -8,6 +8,9 @@
 * ``get_or_load`` is single-flight: concurrent misses of one key share one load.
 * Negative results (a user without an adapter) are cached too, as small entries, so users without a
   personal adapter cost no Redis round trip per request; uploads invalidate them like any entry.
+* With ``ttl_s``, an entry older than that is revalidated before it is served again (``get_or_load``'s
+  ``revalidate(value)``, a cheap check against the source of truth): invalidations arrive through a
+  stream that can lag or break, and the TTL bounds how long a missed one can be served.
 
 The cache is confined to one event loop (no locks). ``on_evict(key, value, reason)`` runs for every
 entry that leaves (``capacity``, ``invalidated``, ``cleared``), so holders of the value can let go of it.
@@ -16,6 +19,7 @@ entry that leaves (``capacity``, ``invalidated``, ``cleared``), so holders of th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +36,10 @@ EvictHook = Callable[[str, V, str], None]
 class _Entry(Generic[V]):
     value: V
     nbytes: int
+    checked: float = 0.0  # loop time of the load or the last successful revalidation
+
+
+Revalidate = Callable[[V], Awaitable[bool]]
 
 
 class AdapterCache(Generic[V]):
@@ -44,6 +52,7 @@ class AdapterCache(Generic[V]):
         metrics: ServeMetrics | None = None,
         on_evict: EvictHook[V] | None = None,
         max_reloads: int = 3,
+        ttl_s: float | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0")
@@ -51,10 +60,11 @@ class AdapterCache(Generic[V]):
         self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
         self._bytes = 0
         self._generation: dict[str, int] = {}
-        self._loading: dict[str, asyncio.Future[tuple[V, int]]] = {}
+        self._loading: dict[str, asyncio.Future[tuple[V, int] | None]] = {}
         self._metrics = metrics
         self._on_evict = on_evict
         self._max_reloads = max_reloads
+        self.ttl_s = ttl_s
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -102,7 +112,7 @@ class AdapterCache(Generic[V]):
         if nbytes > self.budget_bytes:
             self._publish()
             return False
-        self._entries[key] = _Entry(value, nbytes)
+        self._entries[key] = _Entry(value, nbytes, _now())
         self._bytes += nbytes
         while self._bytes > self.budget_bytes and self._entries:
             victim, entry = self._entries.popitem(last=False)
@@ -113,7 +123,8 @@ class AdapterCache(Generic[V]):
 
     def invalidate(self, key: str, reason: str = "invalidated") -> bool:
         """Drop ``key`` (and make loads in flight for it not insert); True if it was cached."""
-        self._generation[key] = self._generation.get(key, 0) + 1
+        if key in self._loading:  # whatever that load read is outdated now
+            self._generation[key] = self._generation.get(key, 0) + 1
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
@@ -126,21 +137,40 @@ class AdapterCache(Generic[V]):
         for key in list(self._entries):
             self.invalidate(key, reason)
 
-    async def get_or_load(self, key: str, load: Callable[[], Awaitable[tuple[V, int]]]) -> tuple[V, bool]:
+    async def get_or_load(
+        self,
+        key: str,
+        load: Callable[[], Awaitable[tuple[V, int]]],
+        *,
+        revalidate: Revalidate[V] | None = None,
+    ) -> tuple[V, bool]:
         """``(value, hit)``. On a miss ``load()`` returns ``(value, nbytes)``; concurrent misses of the
-        same key wait for the same load. A load overtaken by an invalidation is retried (bounded)."""
+        same key wait for the same load. A load overtaken by an invalidation is retried (bounded). An
+        entry older than ``ttl_s`` is served only if ``revalidate(value)`` says it is still current
+        (else it is dropped and loaded again)."""
         value = self.get(key)
         if value is not None:
-            self._hit()
-            return value, True
+            entry = self._entries[key]
+            if self.ttl_s is None or revalidate is None or _now() - entry.checked <= self.ttl_s:
+                self._hit()
+                return value, True
+            current = await revalidate(value)
+            if self.peek(key) is value:  # not invalidated or replaced meanwhile
+                if current:
+                    entry.checked = _now()
+                    self._hit()
+                    return value, True
+                self.invalidate(key, "stale")
         self._miss()
         for _ in range(self._max_reloads):
             pending = self._loading.get(key)
             if pending is not None:
-                loaded, _ = await asyncio.shield(pending)
-                return loaded, False
+                shared = await asyncio.shield(pending)
+                if shared is not None:
+                    return shared[0], False
+                continue  # that load was overtaken by an invalidation: never serve what it read
             generation = self._generation.get(key, 0)
-            future: asyncio.Future[tuple[V, int]] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[tuple[V, int] | None] = asyncio.get_running_loop().create_future()
             self._loading[key] = future
             try:
                 result = await load()
@@ -152,9 +182,12 @@ class AdapterCache(Generic[V]):
             finally:
                 if self._loading.get(key) is future:
                     del self._loading[key]
+            fresh = self._generation.get(key, 0) == generation
+            if key not in self._loading:
+                self._generation.pop(key, None)  # only loads in flight need one
             if not future.done():
-                future.set_result(result)
-            if self._generation.get(key, 0) == generation:
+                future.set_result(result if fresh else None)
+            if fresh:
                 self.put(key, result[0], result[1])
                 return result[0], False
             # Invalidated while loading (an upload or delete raced us): load again.
@@ -182,3 +215,7 @@ class AdapterCache(Generic[V]):
         if self._metrics is not None:
             self._metrics.cache_bytes.set(self._bytes)
             self._metrics.cache_entries.set(len(self._entries))
+
+
+def _now() -> float:
+    return time.monotonic()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 USER_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 Timing = dict[str, float | int | str]
+
+# Hard bounds of every numeric and size field (schema level: 422 with the field named). The service's
+# configured limits (ServeSettings: max_new_tokens, max_prompt_chars, max_score_texts) are checked on top.
+SEED_MAX = 2**31 - 1
+VERSION_MAX = 2**53 - 1  # versions are Redis integers; JSON numbers are exact up to 2**53
+MAX_NEW_TOKENS = 4096
+MAX_TEXT_CHARS = 1 << 20
+MAX_TEXTS = 1024
 
 
 class _Request(BaseModel):
@@ -20,19 +28,23 @@ class GenerateRequest(_Request):
         pattern=USER_ID,
         description="whose personal adapter to apply; default: the token's user",
     )
-    prompt: str
-    max_new_tokens: int = Field(default=32, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0: greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, description="sampling seed (reproducible outputs)")
-    global_version: int | None = Field(default=None, ge=0, description="pin a retained global version")
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(
+        default=None, ge=0, le=SEED_MAX, description="sampling seed (reproducible outputs), 0..2**31-1"
+    )
+    global_version: int | None = Field(
+        default=None, ge=0, le=VERSION_MAX, description="pin a retained global version"
+    )
     use_personal: bool = Field(default=True, description="false: base + global only")
 
 
 class ScoreRequest(_Request):
     user_id: str | None = Field(default=None, pattern=USER_ID)
-    texts: list[str] = Field(min_length=1)
-    global_version: int | None = Field(default=None, ge=0)
+    texts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(min_length=1, max_length=MAX_TEXTS)
+    global_version: int | None = Field(default=None, ge=0, le=VERSION_MAX)
     use_personal: bool = True
 
 
@@ -86,5 +98,5 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 410, 413, 422, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 410, 413, 422, 429, 503, 504)
 }

@@ -5,6 +5,11 @@ tokens may read federation metadata and global adapters (edge agents download fr
 their *own* personal adapter only (403 otherwise); admin tokens may act on anyone and list
 federations. ``/healthz``, ``/readyz`` and ``/metrics`` are open (probes and Prometheus).
 
+Before any route runs, :class:`~.limits.GateMiddleware` refuses an oversized body (413, per-route caps,
+counted while streaming, never buffered) and then a missing or bad token (401) from the header alone,
+so nothing unauthenticated is read or parsed. The model queue is bounded and fair across users:
+over a bound a request gets 429 with ``Retry-After`` (:mod:`.batcher`).
+
 Errors are JSON ``{"error": {"code", "message"}}`` with a 4xx status for anything the client can fix;
 an unexpected failure is a 500 and the service stays up.
 """
@@ -25,9 +30,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import Match
 
+from services.ingest.routes import ingest_router
 from services.personalization.api import (
     ERRORS,
     USER_ID,
+    VERSION_MAX,
     AdapterInfo,
     GenerateRequest,
     GenerateResponse,
@@ -39,6 +46,8 @@ from services.personalization.api import (
 from services.personalization.auth import Principal
 from services.personalization.engine import Served
 from services.personalization.errors import PayloadTooLarge, ServeError, Timeout, Unauthorized
+from services.personalization.identity_routes import identity_router
+from services.personalization.limits import GateMiddleware
 from services.personalization.service import PersonalizationService
 from services.personalization.user_adapters import AdapterRecord
 
@@ -56,8 +65,11 @@ USER = Annotated[str, Path(pattern=USER_ID, description="user id")]
 
 
 async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    verified = getattr(request.state, "principal", None)  # by the gate, before the body was read
+    if isinstance(verified, Principal):
+        return verified
     service: PersonalizationService = request.app.state.service
-    return service.signer.authenticate(authorization)
+    return service.authenticator.authenticate(authorization)
 
 
 Auth = Annotated[Principal, Depends(_principal)]
@@ -147,6 +159,9 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         request.state.error_code = exc.code
         headers = {"WWW-Authenticate": 'Bearer realm="pfi"'} if isinstance(exc, Unauthorized) else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        if isinstance(retry_after, int):
+            headers = {**(headers or {}), "Retry-After": str(retry_after)}
         if isinstance(exc, Unauthorized):
             service.metrics.auth_failures.labels(reason=exc.code).inc()
         return _error(exc.status, exc.code, exc.message, headers)
@@ -207,7 +222,7 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
     async def list_federations(who: Auth) -> dict[str, Any]:
         who.require_admin()
         engine = service.engine
-        names = await engine.store.list_federations()
+        names = [n for n in await engine.store.list_federations() if n == who.federation]
         rows = []
         for name in names:
             runtime = engine.runtimes.get(name)
@@ -240,19 +255,36 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
         version: Annotated[str, Path(description="a version number or 'latest'")],
         who: Auth,
         if_none_match: Annotated[str | None, Header()] = None,
+        digest: Annotated[
+            str | None,
+            Query(
+                pattern="^[0-9a-f]{64}$",
+                description="expected blob digest: the response is then cacheable forever (409 if the "
+                "version now has other content)",
+            ),
+        ] = None,
     ) -> Response:
+        """The blob of a global version. ``ETag`` is its sha256 digest. A version number alone does not
+        name content forever (a Redis failover can re-make version N with other content), so only a
+        URL that carries the digest is ``immutable``; every other answer must be revalidated."""
         who.require_federation(fed)
         number, blob, meta = await bounded(service.engine.global_blob(fed, version))
-        digest = meta.digest if meta is not None else ""
+        actual = meta.digest if meta is not None else ""
+        if digest is not None and digest != actual:
+            raise ServeError(
+                f"global v{number} of {fed!r} now has digest {actual}, not {digest}",
+                status=409,
+                code="digest_mismatch",
+            )
         headers = {
-            "ETag": f'"{digest}"',
+            "ETag": f'"{actual}"',
             "X-PFI-Federation": fed,
             "X-PFI-Version": str(number),
-            "X-PFI-Digest": digest,
+            "X-PFI-Digest": actual,
             "X-PFI-Encoding": "float32;none;zstd",
-            "Cache-Control": "no-cache" if version == "latest" else "public, max-age=31536000, immutable",
+            "Cache-Control": "private, max-age=31536000, immutable" if digest is not None else "no-cache",
         }
-        if if_none_match is not None and if_none_match.strip() in (f'"{digest}"', digest):
+        if if_none_match is not None and if_none_match.strip() in (f'"{actual}"', actual):
             return Response(status_code=304, headers=headers)
         return Response(blob, media_type="application/octet-stream", headers=headers)
 
@@ -292,7 +324,9 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
         user: USER,
         request: Request,
         who: Auth,
-        trained_against: Annotated[int, Query(ge=0, description="global version it was trained against")],
+        trained_against: Annotated[
+            int, Query(ge=0, le=VERSION_MAX, description="global version it was trained against")
+        ],
         dtype: Annotated[str, Query(pattern="^(float32|float16|bfloat16)$")] = "float32",
         quantization: Annotated[str, Query(pattern="^(none|int8)$")] = "none",
     ) -> AdapterInfo:
@@ -340,6 +374,7 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
                 seed=body.seed,
                 version=body.global_version,
                 use_personal=body.use_personal,
+                tenant=f"{who.federation}/{who.user}",
             )
         )
         out = GenerateResponse(
@@ -358,7 +393,12 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
         user = acting_user(who, fed, body.user_id)
         result = await bounded(
             service.engine.score(
-                fed, user, body.texts, version=body.global_version, use_personal=body.use_personal
+                fed,
+                user,
+                body.texts,
+                version=body.global_version,
+                use_personal=body.use_personal,
+                tenant=f"{who.federation}/{who.user}",
             )
         )
         out = ScoreResponse(
@@ -376,5 +416,8 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
         served_headers(response, out)
         return out
 
-    app.add_middleware(MetricsMiddleware, service=service, fastapi=app)
+    app.include_router(ingest_router(service))  # POST /v1/federations/{fed}/updates (devices)
+    identity_router(service, app.router)  # enroll, token refresh, admin: clients, enrollment tokens
+    app.add_middleware(GateMiddleware, service=service, fastapi=app)  # body size, then the token
+    app.add_middleware(MetricsMiddleware, service=service, fastapi=app)  # outermost: counts the gate too
     return app

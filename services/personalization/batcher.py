@@ -13,6 +13,14 @@ traffic that may not come, so a lone request on an idle service is answered at o
 
 A batch that fails is retried job by job, so one bad request cannot fail its neighbours. Jobs whose
 caller gave up (future cancelled) before their batch started are skipped.
+
+Bounds and fairness: jobs queue per *tenant* (the authenticated principal), and tenants take turns.
+The oldest job of the tenant whose turn it is opens a batch (that tenant then goes to the back of the
+rotation); the rest of the batch is filled round-robin across tenants (each tenant's first job, then
+each one's second, ...), so one tenant flooding the service delays only itself. At most ``max_queue``
+jobs wait in all, and a tenant has at most ``max_per_tenant`` jobs queued or running; past either
+bound :meth:`Batcher.submit` refuses at once with :class:`~.errors.TooManyRequests` (429) and a
+``Retry-After`` estimated from the recent batch time.
 """
 
 from __future__ import annotations
@@ -20,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from services.personalization.errors import TooManyRequests
 from services.personalization.inference import GenOut, GenRow, ScoreOut, ScoreRow, generate_rows, score_rows
 from services.personalization.metrics import ServeMetrics
 from services.personalization.stacks import ModelStack
@@ -53,6 +63,7 @@ class Job:
     rows: Sequence[ScoreRow] | Sequence[GenRow]
     future: asyncio.Future[tuple[list[Any], BatchInfo]]
     loop: asyncio.AbstractEventLoop
+    tenant: str = ""
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -88,13 +99,20 @@ class Batcher:
         max_tokens: int,
         linger_s: float = 0.0,
         batching: bool = True,
+        max_queue: int = 256,
+        max_per_tenant: int = 8,
     ) -> None:
         self.metrics = metrics
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.linger_s = linger_s
         self.batching = batching
-        self._queue: deque[Job] = deque()
+        self.max_queue = max_queue
+        self.max_per_tenant = max_per_tenant
+        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # tenant -> jobs; order = turns
+        self._queued = 0
+        self._active: dict[str, int] = {}  # tenant -> jobs queued or running
+        self._batch_seconds = 0.05  # moving average, for Retry-After
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -115,8 +133,11 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        while self._queue:
-            job = self._queue.popleft()
+        with self._cond:
+            jobs = [job for queue in self._queues.values() for job in queue]
+            self._queues.clear()
+            self._queued = 0
+        for job in jobs:
             self._deliver(job, error=RuntimeError("the service is shutting down"))
 
     @property
@@ -125,7 +146,45 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._queued
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained (at least 1)."""
+        batches = math.ceil(max(1, self._queued) / max(1, self.max_rows))
+        return max(1, min(60, math.ceil(batches * self._batch_seconds)))
+
+    def _refuse_if_full(self) -> None:
+        if self._queued >= self.max_queue:
+            self.metrics.overload_rejections.labels(reason="queue_full").inc()
+            raise TooManyRequests(
+                f"the model queue is full ({self.max_queue} requests)",
+                retry_after_s=self.retry_after_s(),
+                code="queue_full",
+            )
+
+    @contextlib.contextmanager
+    def admit(self, tenant: str) -> Iterator[None]:
+        """Count a request of ``tenant`` from its start (before it loads adapters or tokenizes) to its
+        end; refuses at once (429) past the tenant's bound or when the queue is already full."""
+        with self._cond:
+            if self._active.get(tenant, 0) >= self.max_per_tenant:
+                self.metrics.overload_rejections.labels(reason="user_limit").inc()
+                raise TooManyRequests(
+                    f"{self.max_per_tenant} requests of this user are already queued or running",
+                    retry_after_s=self.retry_after_s(),
+                    code="user_limit",
+                )
+            self._refuse_if_full()
+            self._active[tenant] = self._active.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                left = self._active.get(tenant, 1) - 1
+                if left > 0:
+                    self._active[tenant] = left
+                else:
+                    self._active.pop(tenant, None)
 
     async def submit(
         self,
@@ -135,20 +194,48 @@ class Batcher:
         rows: Sequence[Any],
         *,
         mark: Incoming | None = None,
+        tenant: str = "",
+        admitted: bool = False,
     ) -> tuple[list[Any], BatchInfo]:
+        """Queue a job and wait for its results. ``admitted``: the caller holds :meth:`admit` for
+        ``tenant`` already (else the job is admitted here)."""
         if not rows:
             raise ValueError("a job needs at least one row")
+        if not admitted:
+            with self.admit(tenant):
+                return await self.submit(kind, stack, adapter, rows, mark=mark, tenant=tenant, admitted=True)
         loop = asyncio.get_running_loop()
-        job = Job(kind, stack, adapter, rows, loop.create_future(), loop)
+        job = Job(kind, stack, adapter, rows, loop.create_future(), loop, tenant)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the service is shutting down")
-            self._queue.append(job)
             if mark is not None:
                 self._settle(mark)
-            self.metrics.queue_depth.set(len(self._queue))
+            self._refuse_if_full()
+            queue = self._queues.get(tenant)
+            if queue is None:
+                queue = self._queues[tenant] = deque()
+            queue.append(job)
+            self._queued += 1
+            self.metrics.queue_depth.set(self._queued)
             self._cond.notify()
         return await job.future
+
+    def _remove(self, job: Job) -> None:
+        """Take ``job`` out of its tenant's queue (under the lock)."""
+        queue = self._queues[job.tenant]
+        queue.remove(job)
+        self._queued -= 1
+        if not queue:
+            del self._queues[job.tenant]
+
+    def _round_robin(self) -> Iterator[Job]:
+        """Queued jobs, interleaved across tenants in turn order: each tenant's 1st, then 2nd, ..."""
+        queues = [list(q) for q in self._queues.values()]
+        for depth in range(max((len(q) for q in queues), default=0)):
+            for queue in queues:
+                if depth < len(queue):
+                    yield queue[depth]
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[Incoming]:
@@ -178,26 +265,31 @@ class Batcher:
     # -- model thread -----------------------------------------------------------------------------
     def _take(self) -> list[Job] | None:
         with self._cond:
-            while not self._queue and not self.idle_hooks and not self._stopping:
+            while not self._queued and not self.idle_hooks and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            if not self._queue:
+            if not self._queued:
                 return []
-            first = self._queue[0]
             if self.batching and self.linger_s > 0:
                 deadline = time.perf_counter() + self.linger_s
-                while self._incoming > 0 and len(self._queue) < self.max_rows and not self._stopping:
+                while self._incoming > 0 and self._queued < self.max_rows and not self._stopping:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            self._queue.popleft()
+            if self._stopping or not self._queued:
+                return None if self._stopping else []
+            tenant, queue = next(iter(self._queues.items()))  # whose turn it is
+            first = queue[0]
+            self._remove(first)
+            if tenant in self._queues:
+                self._queues.move_to_end(tenant)  # next turn: the others first
             batch = [first]
             if self.batching:
                 rows, tokens = len(first.rows), first.tokens
                 adapters: list[PersonalAdapter] = [] if first.adapter is None else [first.adapter]
-                for job in list(self._queue):
+                for job in list(self._round_robin()):
                     if job.stack is not first.stack or job.kind != first.kind or job.future.done():
                         continue
                     if first.kind == "generate" and not _similar_budget(job.budget, first.budget):
@@ -210,13 +302,13 @@ class Batcher:
                         or (new_adapter and len(adapters) + 1 > slots)
                     ):
                         continue
-                    self._queue.remove(job)
+                    self._remove(job)
                     batch.append(job)
                     rows += len(job.rows)
                     tokens += job.tokens
                     if new_adapter and job.adapter is not None:
                         adapters.append(job.adapter)
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self._queued)
             return batch
 
     def _run(self) -> None:
@@ -286,6 +378,7 @@ class Batcher:
             return
         elapsed = time.perf_counter() - started
         self.batches += 1
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
         self.metrics.batch_rows.labels(kind=kind).observe(len(rows))
         self.metrics.batch_requests.labels(kind=kind).observe(len(batch))
         distinct = {id(job.adapter) for job in batch if job.adapter is not None}

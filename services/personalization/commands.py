@@ -1,4 +1,4 @@
-"""``pfi serve`` (the personalization service) and ``pfi token issue`` (bearer tokens)."""
+"""``pfi serve`` (the personalization service) and ``pfi token issue | revoke`` (bearer tokens)."""
 
 from __future__ import annotations
 
@@ -57,11 +57,51 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_issue(args: argparse.Namespace) -> int:
-    from services.personalization.auth import TokenSigner, load_secret
+    import json
+    import sys
+
+    from services.personalization.auth import Role, TokenSigner, load_secret
 
     signer = TokenSigner(load_secret(ServeSettings(), PFISettings()))
-    token = signer.issue(args.user, admin=args.admin, ttl_s=parse_ttl(args.ttl), federation=args.federation)
-    print(token)
+    role: Role = "admin" if args.admin else "device" if args.device else "user"
+    issued = signer.mint(
+        args.user,
+        federation=args.federation,
+        role=role,
+        ttl_s=None if args.ttl is None else parse_ttl(args.ttl),
+    )
+    if args.json:
+        print(json.dumps({"token": issued.token, "jti": issued.jti, "expires_at": issued.expires_at}))
+    else:
+        print(issued.token)
+        print(f"jti {issued.jti} (expires at {issued.expires_at})", file=sys.stderr)
+    return 0
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from services.personalization.auth import TokenSigner, load_secret, revoke_token
+    from services.personalization.errors import Unauthorized
+
+    jti, expires_at = args.token, None
+    if "." in args.token:  # a whole token: its jti and expiry (verified with the local secret)
+        signer = TokenSigner(load_secret(ServeSettings(), PFISettings()))
+        try:
+            who = signer.verify(args.token, now=0)
+        except Unauthorized as err:
+            raise ConfigError(f"cannot read that token: {err.message}") from None
+        jti, expires_at = who.jti, float(who.expires_at)
+
+    async def run() -> None:
+        redis = Redis.from_url(PFISettings().redis())
+        try:
+            await revoke_token(redis, jti, expires_at)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    print(f"revoked token {jti}")
     return 0
 
 
@@ -87,9 +127,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(or the development secret under PFI_HOME).",
     )
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
-    issue = token_sub.add_parser("issue", help="mint a token bound to a user (or an admin token)")
-    issue.add_argument("--user", required=True, help="the user id the token acts as")
-    issue.add_argument("--admin", action="store_true", help="admin scope: any user, admin routes")
-    issue.add_argument("--ttl", default="30d", help="lifetime: seconds or 15m/12h/30d (default 30d)")
-    issue.add_argument("--federation", default=None, help="limit a user token to one federation")
+    issue = token_sub.add_parser(
+        "issue",
+        help="mint a token of one federation: a user's, a device's or an admin's",
+        description="Prints the token on stdout and its id (jti, for 'pfi token revoke') on stderr.",
+    )
+    issue.add_argument("user", help="the user id (a device: its client id) the token acts as")
+    issue.add_argument("--federation", required=True, help="the one federation the token is valid in")
+    kind = issue.add_mutually_exclusive_group()
+    kind.add_argument("--admin", action="store_true", help="admin: any user of the federation, admin routes")
+    kind.add_argument("--device", action="store_true", help="a device token (USER is the client id)")
+    issue.add_argument("--ttl", default=None, help="lifetime: seconds or 15m/12h/7d (default 1h; admin 15m)")
+    issue.add_argument("--json", action="store_true", help='print {"token", "jti", "expires_at"}')
     issue.set_defaults(func=_run_issue)
+    revoke = token_sub.add_parser(
+        "revoke", help="revoke a token (by jti, or the token itself) in every replica within seconds"
+    )
+    revoke.add_argument(
+        "token", metavar="JTI", help="the token id printed by 'pfi token issue', or the token"
+    )
+    revoke.set_defaults(func=_run_revoke)

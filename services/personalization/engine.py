@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from redis.asyncio import Redis
 
+from modeling.base import BaseModel, load_base_model
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors, sha256_hex
 from schemas.errors import CodecError, PFIError
 from schemas.events import FederationSpec, TensorEncoding, utcnow
 from schemas.records import VersionMeta
-from modeling.base import BaseModel, load_base_model
 from services.personalization.adapter_cache import AdapterCache
 from services.personalization.batcher import Batcher, BatchInfo, Incoming
 from services.personalization.errors import (
@@ -55,9 +56,9 @@ from services.personalization.metrics import ServeMetrics
 from services.personalization.stacks import ModelStack, base_stack, build_merged_stack
 from services.personalization.user_adapters import (
     NEGATIVE_ENTRY_BYTES,
-    NO_ADAPTER,
     AdapterRecord,
     CacheValue,
+    NoAdapter,
     PersonalAdapter,
     UserAdapterStore,
     decode_stored,
@@ -70,11 +71,11 @@ from services.personalization.user_adapters import (
 )
 from services.settings import PFISettings, ServeSettings
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
 
 log = logging.getLogger("pfi.serve.engine")
 
 ModelLoader = Callable[[str], BaseModel]
+LOAD_ATTEMPTS = 3  # loads of a personal adapter overtaken by a change, before a 503
 Template = dict[str, tuple[int, ...]]
 
 
@@ -162,15 +163,31 @@ class FederationRuntime:
                 return
 
     async def refresh(self) -> ModelStack:
-        """Serve the federation's ``latest`` version (build + atomic swap when it moved)."""
+        """Serve the federation's ``latest`` version (build + atomic swap when it moved, or when the
+        version's content changed under the same number: its digest differs from the one loaded, as
+        after a Redis failover that re-made version N)."""
         async with self._swap_lock:
-            latest = await self.engine.store.latest(self.name)
+            store = self.engine.store
+            latest = await store.latest(self.name)
             if latest is None:
                 raise Unavailable(f"federation {self.name!r} has no global adapter yet")
-            if self.current is not None and self.current.version == latest:
+            meta = await store.get_meta(self.name, latest)
+            digest = None if meta is None else meta.digest
+            if (
+                self.current is not None
+                and self.current.version == latest
+                and _digest(self.current) == digest
+            ):
                 return self.current
             started = time.perf_counter()
-            stack = await self._obtain(latest, wait_s=None)  # the lease becomes current's reference
+            for _ in range(3):
+                self.forget_stale(latest, digest)
+                stack = await self._obtain(latest, wait_s=None)  # the lease becomes current's reference
+                if digest is None or _digest(stack) == digest:
+                    break
+                self._release(stack)  # built from content replaced meanwhile: build again
+            else:
+                raise Unavailable(f"{self.name!r} global v{latest} keeps changing; not swapped")
             if stack.published_at is None:
                 stack.published_at = self.published.get(latest)
             old, self.current = self.current, stack
@@ -237,11 +254,34 @@ class FederationRuntime:
                 self._build(version), name=f"pfi-build-{self.name}-v{version}"
             )
 
+    def forget_stale(self, version: int, digest: str | None) -> None:
+        """Stop serving a merged copy of ``version`` built from other content than ``digest`` (requests
+        that hold it finish on it; nothing new leases it)."""
+        stack = self.stacks.get(version)
+        if stack is not None and digest is not None and _digest(stack) != digest:
+            del self.stacks[version]
+            self.engine.metrics.merged_copies.labels(federation=self.name).set(len(self.stacks))
+            self.engine.metrics.stale_global_copies.labels(federation=self.name).inc()
+            log.warning(
+                "%s: the content of v%d changed (digest %s -> %s): rebuilding its merged copy",
+                self.name,
+                version,
+                _digest(stack),
+                digest,
+            )
+            self._notify()
+
     async def _build(self, version: int) -> ModelStack:
-        blob = await self.engine.store.get_blob(self.name, version)
-        meta = await self.engine.store.get_meta(self.name, version)
-        if blob is None:
-            raise Gone(f"{self.name!r} global v{version} is not retained any more")
+        store = self.engine.store
+        for _ in range(2):
+            meta = await store.get_meta(self.name, version)
+            blob = await store.get_blob(self.name, version)
+            if blob is None:
+                raise Gone(f"{self.name!r} global v{version} is not retained any more")
+            if meta is None or await asyncio.to_thread(sha256_hex, blob) == meta.digest:
+                break  # the blob is the one its metadata describes (re-read once: a rewrite raced us)
+        else:
+            raise Unavailable(f"{self.name!r} global v{version}: the blob does not match its digest")
         state = await asyncio.to_thread(
             decode_tensors, blob, BLOB_ENCODING, max_decoded_bytes=self.engine.settings.max_decoded_bytes
         )
@@ -290,8 +330,10 @@ class FederationRuntime:
 
     async def _check_pinnable(self, version: int) -> None:
         store = self.engine.store
-        if version < 0 or await store.get_meta(self.name, version) is None:
+        meta = None if version < 0 else await store.get_meta(self.name, version)
+        if meta is None:
             raise NotFound(f"federation {self.name!r} has no global version {version}")
+        self.forget_stale(version, meta.digest)  # a pinned copy of content since re-made: rebuild it
         if version not in self.stacks and version not in await store.retained_versions(self.name):
             raise Gone(f"{self.name!r} global v{version} is not retained any more")
 
@@ -339,7 +381,7 @@ class Engine:
         self.users = UserAdapterStore(redis)
         self.model_loader = model_loader
         self.cache: AdapterCache[CacheValue] = AdapterCache(
-            serve.cache_bytes, metrics=metrics, on_evict=self._on_evict
+            serve.cache_bytes, metrics=metrics, on_evict=self._on_evict, ttl_s=serve.adapter_revalidate_s
         )
         self.batcher = Batcher(
             metrics,
@@ -347,6 +389,8 @@ class Engine:
             max_tokens=serve.max_batch_tokens,
             linger_s=serve.batch_wait_ms / 1000,
             batching=batching,
+            max_queue=serve.max_queue,
+            max_per_tenant=serve.max_user_in_flight,
         )
         self.watch: Watcher | None = None  # set by the service: subscribe to a federation's streams
         self._infos: dict[str, FederationInfo] = {}
@@ -435,12 +479,22 @@ class Engine:
         self._runtimes[fed] = runtime
         return runtime
 
-    def on_version_event(self, fed: str, version: int | None, published_at: float | None) -> None:
-        """From the subscriber: ``fed`` published (or rolled back to) ``version``."""
+    def on_version_event(
+        self, fed: str, version: int | None, published_at: float | None, digest: str | None = None
+    ) -> None:
+        """From the subscriber: ``fed`` published (or rolled back to) ``version`` with blob ``digest``.
+        Nothing to do when that exact (version, digest) is already served; the same number with
+        another digest (re-made after a Redis failover) rebuilds like a new version."""
         self.metrics.announcements.labels(kind="version").inc()
         runtime = self._runtimes.get(fed)
-        if runtime is not None:
-            runtime.announce(version, published_at)
+        if runtime is None:
+            return
+        current = runtime.current
+        if current is not None and version == current.version and digest is not None:
+            if _digest(current) == digest:
+                return
+            log.warning("%s: v%s announced with another digest than the one served", fed, version)
+        runtime.announce(version, published_at)
 
     # -- personal adapters --------------------------------------------------------------------------
     def _on_evict(self, key: str, value: CacheValue, reason: str) -> None:
@@ -456,13 +510,20 @@ class Engine:
 
                 self.batcher.run_on_thread(release)
 
-    def on_user_event(self, fed: str, key: str, op: str, digest: str | None) -> None:
-        """From the subscriber: an upload or delete on some replica (maybe this one)."""
-        self.metrics.announcements.labels(kind=f"user-{op}").inc()
+    def on_user_event(
+        self, fed: str, key: str, op: str, digest: str | None, generation: int | None = None
+    ) -> None:
+        """From the subscriber: an upload or delete on some replica (maybe this one). The key is
+        invalidated even when it is not cached: that makes a load already in flight here start over
+        instead of inserting what it read before the change."""
+        self.metrics.announcements.labels(kind="user-delete" if op == "delete" else "user-put").inc()
         cached = self.cache.peek(key)
-        if cached is None:
-            return
-        if op == "put" and isinstance(cached, PersonalAdapter) and cached.record.digest == digest:
+        if (
+            op == "put"
+            and isinstance(cached, PersonalAdapter)
+            and cached.record.digest == digest
+            and (generation is None or cached.generation >= generation)
+        ):
             return  # already this exact adapter (our own upload)
         if self.cache.invalidate(key, "deleted" if op == "delete" else "invalidated"):
             self.metrics.invalidations.labels(origin="stream").inc()
@@ -473,33 +534,56 @@ class Engine:
         key = user_key(fed, user)
         spent = 0.0
 
-        async def load() -> tuple[CacheValue, int]:
-            nonlocal spent
-            started = time.perf_counter()
-            try:
-                found = await self.users.get(fed, user)
-                if found is None:
-                    return NO_ADAPTER, NEGATIVE_ENTRY_BYTES
+        async def load_once() -> tuple[CacheValue, int] | None:
+            generation, found = await self.users.load(fed, user)
+            if found is None:
+                value: CacheValue = NoAdapter(generation)
+                nbytes = NEGATIVE_ENTRY_BYTES
+            else:
                 record, blob = found
-                assert blob is not None
                 try:
                     state = await asyncio.to_thread(
                         decode_stored, blob, info.template, self.settings.max_decoded_bytes
                     )
                 except (CodecError, ServeError) as err:
                     raise Unavailable(f"the stored adapter of user {user!r} is unusable: {err}") from None
-                return self._adapter(key, record, state), state_nbytes(state)
+                value, nbytes = self._adapter(key, record, state, generation), state_nbytes(state)
+            # An upload or delete on any replica since the read bumped the generation: the value is
+            # already outdated and must not be cached (nor served).
+            if await self.users.generation(fed, user) != generation:
+                self.metrics.invalidations.labels(origin="load").inc()
+                return None
+            return value, nbytes
+
+        async def load() -> tuple[CacheValue, int]:
+            nonlocal spent
+            started = time.perf_counter()
+            try:
+                for _ in range(LOAD_ATTEMPTS):
+                    result = await load_once()
+                    if result is not None:
+                        return result
+                raise Unavailable(
+                    f"the personal adapter of user {user!r} kept changing while loading; retry", code="busy"
+                )
             finally:
                 spent = time.perf_counter() - started
                 self.metrics.adapter_load_seconds.observe(spent)
 
-        value, hit = await self.cache.get_or_load(key, load)
+        async def revalidate(value: CacheValue) -> bool:
+            return await self.users.generation(fed, user) == value.generation
+
+        value, hit = await self.cache.get_or_load(key, load, revalidate=revalidate)
         adapter = value if isinstance(value, PersonalAdapter) else None
         return adapter, "hit" if hit else "miss", spent
 
     @staticmethod
-    def _adapter(key: str, record: AdapterRecord, state: dict[str, torch.Tensor]) -> PersonalAdapter:
-        return PersonalAdapter(key=key, record=record, params=to_params(state), nbytes=state_nbytes(state))
+    def _adapter(
+        key: str, record: AdapterRecord, state: dict[str, torch.Tensor], generation: int
+    ) -> PersonalAdapter:
+        return PersonalAdapter(
+            key=key, record=record, params=to_params(state), nbytes=state_nbytes(state), generation=generation
+        )
 
     async def upload(
         self,
@@ -542,12 +626,12 @@ class Engine:
             num_parameters=sum(t.numel() for t in state.values()),
             upload_encoding=encoding,
         )
-        version = await self.users.put(record, blob)
+        version, generation = await self.users.put(record, blob)
         record = record.model_copy(update={"version": version})
         key = user_key(fed, user)
         if self.cache.invalidate(key, "invalidated"):
             self.metrics.invalidations.labels(origin="local").inc()
-        self.cache.put(key, self._adapter(key, record, state), state_nbytes(state))
+        self.cache.put(key, self._adapter(key, record, state, generation), state_nbytes(state))
         self.metrics.adapter_uploads.labels(outcome="stored").inc()
         return record
 
@@ -593,6 +677,11 @@ class Engine:
                 timing["adapter_load_ms"] = round(load_s * 1000, 3)
         return runtime, adapter, timing
 
+    def _admit(self, tenant: str | None) -> contextlib.AbstractContextManager[None]:
+        """The per-user bound of an HTTP request (``tenant``: its principal); in-process callers
+        (benchmarks) pass none and are bounded by the queue alone."""
+        return contextlib.nullcontext() if tenant is None else self.batcher.admit(tenant)
+
     @staticmethod
     def _finish(
         timing: dict[str, float | int | str], info: BatchInfo, started: float
@@ -616,12 +705,17 @@ class Engine:
         version: int | None,
         base_only: bool,
         mark: Incoming,
+        tenant: str,
     ) -> tuple[list[Any], BatchInfo, int | None]:
         if base_only:
-            outs, info = await self.batcher.submit(kind, runtime.base_only(), None, rows, mark=mark)
+            outs, info = await self.batcher.submit(
+                kind, runtime.base_only(), None, rows, mark=mark, tenant=tenant, admitted=True
+            )
             return outs, info, None
         async with runtime.lease(version) as stack:
-            outs, info = await self.batcher.submit(kind, stack, adapter, rows, mark=mark)
+            outs, info = await self.batcher.submit(
+                kind, stack, adapter, rows, mark=mark, tenant=tenant, admitted=True
+            )
             runtime.served(stack)
             return outs, info, stack.version
 
@@ -634,6 +728,7 @@ class Engine:
         version: int | None = None,
         use_personal: bool = True,
         base_only: bool = False,
+        tenant: str | None = None,
     ) -> ScoreResult:
         """Per-text next-token NLL / accuracy on base + global (+ the user's personal adapter)."""
         started = time.perf_counter()
@@ -643,7 +738,9 @@ class Engine:
             raise PayloadTooLarge(
                 f"{len(texts)} texts; the limit is {self.serve.max_score_texts} per request"
             )
-        with self.batcher.incoming() as mark:
+        admission = self._admit(tenant)
+        tenant = tenant if tenant is not None else (user or "")
+        with admission, self.batcher.incoming() as mark:
             runtime, adapter, timing = await self._prepare(fed, user, use_personal and not base_only)
             tokens = runtime.base_only().tokens
             rows: list[ScoreRow] = []
@@ -657,7 +754,14 @@ class Engine:
                     )
                 rows.append(ScoreRow(ids, adapter))
             outs, info, global_version = await self._submit(
-                "score", runtime, adapter, rows, version=version, base_only=base_only, mark=mark
+                "score",
+                runtime,
+                adapter,
+                rows,
+                version=version,
+                base_only=base_only,
+                mark=mark,
+                tenant=tenant,
             )
         self.metrics.scored_tokens.labels(federation=fed).inc(sum(o.tokens for o in outs))
         served = Served(
@@ -678,6 +782,7 @@ class Engine:
         version: int | None = None,
         use_personal: bool = True,
         base_only: bool = False,
+        tenant: str | None = None,
     ) -> GenerateResult:
         """Continue ``prompt`` with base + global (+ the user's personal adapter)."""
         started = time.perf_counter()
@@ -685,7 +790,9 @@ class Engine:
             raise Unprocessable(
                 f"max_new_tokens={max_new_tokens} exceeds the cap of {self.serve.max_new_tokens}"
             )
-        with self.batcher.incoming() as mark:
+        admission = self._admit(tenant)
+        tenant = tenant if tenant is not None else (user or "")
+        with admission, self.batcher.incoming() as mark:
             runtime, adapter, timing = await self._prepare(fed, user, use_personal and not base_only)
             tokens = runtime.base_only().tokens
             ids = self._tokenize(tokens, prompt, "prompt")
@@ -698,7 +805,14 @@ class Engine:
                 )
             row = GenRow(ids, adapter, max_new_tokens, temperature, top_p, seed)
             outs, info, global_version = await self._submit(
-                "generate", runtime, adapter, [row], version=version, base_only=base_only, mark=mark
+                "generate",
+                runtime,
+                adapter,
+                [row],
+                version=version,
+                base_only=base_only,
+                mark=mark,
+                tenant=tenant,
             )
         out: GenOut = outs[0]
         self.metrics.tokens_generated.labels(federation=fed).inc(len(out.tokens))
@@ -740,13 +854,20 @@ class Engine:
                 ) from None
             if number < 0:
                 raise BadRequest("version must be >= 0")
-        meta = await self.store.get_meta(fed, number)
-        if meta is None:
-            raise NotFound(f"federation {fed!r} has no global version {number}")
-        blob = await self.store.get_blob(fed, number)
-        if blob is None:
-            raise Gone(f"{fed!r} global v{number} is not retained any more")
-        return number, blob, meta
+        for _ in range(2):
+            meta = await self.store.get_meta(fed, number)
+            if meta is None:
+                raise NotFound(f"federation {fed!r} has no global version {number}")
+            blob = await self.store.get_blob(fed, number)
+            if blob is None:
+                raise Gone(f"{fed!r} global v{number} is not retained any more")
+            if await asyncio.to_thread(sha256_hex, blob) == meta.digest:
+                return number, blob, meta  # the ETag (the digest) names exactly these bytes
+        raise Unavailable(f"{fed!r} global v{number}: the blob does not match its digest; retry")
+
+
+def _digest(stack: ModelStack) -> str | None:
+    return None if stack.meta is None else stack.meta.digest
 
 
 def _meta_view(meta: VersionMeta) -> dict[str, Any]:

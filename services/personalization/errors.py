@@ -72,3 +72,14 @@ class Unavailable(ServeError):
 class Timeout(ServeError):
     status = 504
     code = "timeout"
+
+
+class TooManyRequests(ServeError):
+    """Over a queue bound (the model queue, or one user's share of it): retry after ``retry_after_s``."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = max(1, int(retry_after_s))

@@ -42,6 +42,23 @@ class ServeMetrics:
         self.auth_failures = Counter(
             f"{ns}_auth_failures_total", "Refused credentials by reason", ["reason"], registry=registry
         )
+        self.body_bytes = Counter(
+            f"{ns}_request_body_bytes_total",
+            "Request body bytes read from clients (past the body-size and authentication gate)",
+            registry=registry,
+        )
+        self.body_rejections = Counter(
+            f"{ns}_body_rejections_total",
+            "Bodies refused with 413 by the gate: declared (Content-Length) or streamed (counted)",
+            ["reason"],
+            registry=registry,
+        )
+        self.overload_rejections = Counter(
+            f"{ns}_overload_rejections_total",
+            "Requests refused with 429: queue_full (model queue bound) or user_limit (per-user bound)",
+            ["reason"],
+            registry=registry,
+        )
         # -- model work -----------------------------------------------------------------------------
         self.tokens_generated = Counter(
             f"{ns}_tokens_generated_total", "Tokens generated", ["federation"], registry=registry
@@ -179,6 +196,12 @@ class ServeMetrics:
         self.last_freshness = Gauge(
             f"{ns}_global_last_freshness_seconds",
             "Freshness of the most recently first-served global version",
+            ["federation"],
+            registry=registry,
+        )
+        self.stale_global_copies = Counter(
+            f"{ns}_global_stale_copies_total",
+            "Merged copies dropped because their version's content (digest) changed under the same number",
             ["federation"],
             registry=registry,
         )

@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import torch
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from services.personalization.auth import TokenSigner, load_secret
+from services.identity import ClientRegistry, Enrollment
+from services.personalization.auth import Authenticator, RevocationCache, TokenSigner, load_secret
 from services.personalization.engine import Engine, ModelLoader
 from services.personalization.metrics import ServeMetrics
 from services.personalization.subscriber import Subscriber
@@ -39,6 +40,10 @@ class PersonalizationService:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ServeMetrics(self.registry)
         self.signer = TokenSigner(secret if secret is not None else load_secret(serve, settings))
+        self.revocations = RevocationCache()
+        self.authenticator = Authenticator(self.signer, self.revocations)
+        self._clients: ClientRegistry | None = None
+        self._enrollment: Enrollment | None = None
         self._model_loader = model_loader
         self._batching = batching
         self._engine: Engine | None = None
@@ -51,12 +56,36 @@ class PersonalizationService:
         self._kafka: tuple[float, str | None] = (0.0, "not checked yet")
         self.started = False
         self._torch_threads = torch.get_num_threads()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_stop(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Run ``close`` when the service stops (routers' resources: the ingest's Kafka producer)."""
+        self._closers.append(close)
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("the service is not started")
+        return self._redis
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("the service is not started")
         return self._engine
+
+    @property
+    def clients(self) -> ClientRegistry:
+        """The per-federation client registry (devices, their keys, revocation)."""
+        if self._clients is None:
+            raise RuntimeError("the service is not started")
+        return self._clients
+
+    @property
+    def enrollment(self) -> Enrollment:
+        if self._enrollment is None:
+            raise RuntimeError("the service is not started")
+        return self._enrollment
 
     async def start(self) -> None:
         if self.started:
@@ -68,6 +97,15 @@ class PersonalizationService:
         url = self.settings.redis()
         self._redis = Redis.from_url(url)
         self._sub_redis = Redis.from_url(url, socket_timeout=None)
+        self._clients = ClientRegistry(self._redis)
+        self._enrollment = Enrollment(self._redis)
+        try:  # revocations loaded before the first request when Redis is up; the task keeps them fresh
+            await asyncio.wait_for(self.revocations.refresh(self._redis, force=True), 2.0)
+        except Exception as err:
+            log.warning("token revocations not loaded yet: %s", err)
+        self._tasks.append(
+            asyncio.create_task(self.revocations.run(self._redis), name="pfi-serve-revocations")
+        )
         kwargs = {} if self._model_loader is None else {"model_loader": self._model_loader}
         engine = Engine(
             self._redis, self.settings, self.serve, self.metrics, batching=self._batching, **kwargs
@@ -105,6 +143,11 @@ class PersonalizationService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
         if self._engine is not None:
             await self._engine.close()
         for client in (self._redis, self._sub_redis):
@@ -125,10 +168,10 @@ class PersonalizationService:
         checked_at, result = self._kafka
         if time.monotonic() - checked_at < self.serve.kafka_check_interval_s and checked_at > 0:
             return result
-        from services.stack.broker import kafka_health
+        from services.stack.broker import settings_health
 
         try:
-            result = await kafka_health(self.settings.kafka_bootstrap(), timeout_s=2.0)
+            result = await settings_health(self.settings, "serving", timeout_s=2.0)
         except Exception as err:
             result = f"{type(err).__name__}: {err}"
         self._kafka = (time.monotonic(), result)
@@ -145,6 +188,7 @@ class PersonalizationService:
             checks["redis"] = f"error: {err}"
         kafka = await self._kafka_check()
         checks["kafka"] = "ok" if kafka is None else f"error: {kafka}"
+        checks["revocations"] = "ok" if self.revocations.loaded else "not loaded"
         checks["model_thread"] = "ok" if self.engine.batcher.alive else "not running"
         checks["subscriber"] = (
             "ok" if self.subscriber is not None and self.subscriber.running else "not running"

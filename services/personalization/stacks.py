@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
+from modeling.base import BaseModel
 from schemas.errors import ConfigError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
-from modeling.base import BaseModel
 from services.personalization.lora_slots import NO_SLOT, Routing, SlotLoRALinear, wrap_targets
 from services.personalization.user_adapters import PersonalAdapter
 

@@ -2,7 +2,9 @@
 
 * ``pfi:{fed}:events``: ``GlobalVersionPublished`` envelopes (field ``event``) that the aggregator's
   commit script and ``pfi federation rollback`` append atomically with the version itself; each one
-  makes the federation refresh (build + swap) in the background;
+  makes the federation refresh (build + swap) in the background unless that exact (version, blob
+  digest) is already served: the same number with another digest (a version re-made after a Redis
+  failover) is rebuilt like a new version;
 * ``pfi:{fed}:user-events``: personal adapter uploads and deletes of every replica (field ``user`` is a
   digest of the user id, ``digest`` the stored blob's hash); each one drops the cached copy here
   unless it is already that exact blob. This is the cross-replica cache invalidation.
@@ -115,9 +117,16 @@ class Subscriber:
             if kind == "version":
                 envelope = parse_envelope(json.loads(fields["event"]), GlobalVersionPublished)
                 event: GlobalVersionPublished = envelope.data
-                self.engine.on_version_event(fed, event.version, event.created_at.timestamp())
+                self.engine.on_version_event(fed, event.version, event.created_at.timestamp(), event.digest)
             elif kind == "user":
-                self.engine.on_user_event(fed, fields["user"], fields.get("op", "put"), fields.get("digest"))
+                generation = fields.get("generation")
+                self.engine.on_user_event(
+                    fed,
+                    fields["user"],
+                    fields.get("op", "put"),
+                    fields.get("digest"),
+                    int(generation) if generation is not None else None,
+                )
         except (KeyError, ValueError, PFIError) as err:
             self.metrics.announcements.labels(kind="malformed").inc()
             log.warning("subscriber: skipping a malformed entry of %s: %s", stream, err)

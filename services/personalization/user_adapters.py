@@ -5,8 +5,16 @@ with fields ``version`` (a counter, +1 per upload), ``blob`` (the adapter re-enc
 blobs are: fp32 safetensors, zstd) and ``meta`` (JSON, :class:`AdapterRecord` without the version). An
 upload is one Lua script (bump, write, announce); a delete is one MULTI (``DEL`` + announce), so the
 key is gone the moment the call returns. Announcements go to the stream ``pfi:{fed}:user-events``
-(same hash slot) and name users only by a digest (:func:`user_key`), never by id: every replica reads
-the stream and drops its cached copy (see :mod:`services.personalization.subscriber`).
+(:func:`services.store.keys.user_events`, same hash slot) and name users only by a digest
+(:func:`user_key`), never by id: every replica reads the stream and drops its cached copy (see
+:mod:`services.personalization.subscriber`).
+
+Generations (tombstones): ``pfi:{fed}:user-generations`` (:func:`services.store.keys.user_generations`)
+maps the user digest to a counter that every upload *and* delete increments in the same atomic step,
+and that a delete never resets. A replica reads the generation atomically with the adapter
+(:meth:`UserAdapterStore.load`) and, after decoding, inserts into its cache only if the generation is
+still the same (:meth:`UserAdapterStore.generation`): a load that overlapped a delete on any replica
+is thrown away, whether or not that replica's stream reader has seen the delete yet.
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ import torch
 from pydantic import Field
 from redis.asyncio import Redis
 
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import all_finite, decode_tensors, encode_tensors, sha256_hex
 from schemas.errors import CodecError, PayloadTooLargeError
 from schemas.events import StrictModel, TensorEncoding
 from services.personalization.errors import BadRequest, PayloadTooLarge, Unprocessable
 from services.store import keys
-from modeling.blobs import BLOB_ENCODING
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EVENTS_MAXLEN = 10_000
@@ -41,7 +49,7 @@ def user_key(fed: str, user: str) -> str:
 
 
 def events_key(fed: str) -> str:
-    return keys.prefix(fed) + "user-events"
+    return keys.user_events(fed)
 
 
 class AdapterRecord(StrictModel):
@@ -62,13 +70,15 @@ class AdapterRecord(StrictModel):
 @dataclass(eq=False)
 class PersonalAdapter:
     """A decoded personal adapter, as the model stacks bind it. ``params`` are frozen
-    ``nn.Parameter`` views of the tensors (no copy), so binding one to a PEFT slot allocates nothing."""
+    ``nn.Parameter`` views of the tensors (no copy), so binding one to a PEFT slot allocates nothing.
+    ``generation`` is the user's Redis generation it was loaded at (see the module docstring)."""
 
     key: str
     record: AdapterRecord
     params: dict[str, torch.nn.Parameter]
     nbytes: int
     evicted: bool = field(default=False)
+    generation: int = 0
 
     @property
     def version(self) -> int:
@@ -76,9 +86,12 @@ class PersonalAdapter:
 
 
 class NoAdapter:
-    """Cached fact: the user has no personal adapter (served base + global)."""
+    """Cached fact: the user has no personal adapter (served base + global), as of ``generation``."""
 
-    __slots__ = ()
+    __slots__ = ("generation",)
+
+    def __init__(self, generation: int = 0) -> None:
+        self.generation = generation
 
 
 NO_ADAPTER = NoAdapter()
@@ -165,9 +178,10 @@ def decode_stored(
 _PUT = """
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'meta', ARGV[2])
+local g = redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'op', 'put', 'user', ARGV[3], 'version', v,
-  'digest', ARGV[4])
-return v
+  'digest', ARGV[4], 'generation', g)
+return {v, g}
 """
 
 
@@ -182,21 +196,45 @@ class UserAdapterStore:
         self.redis = redis
         self._put = redis.register_script(_PUT)
 
-    async def put(self, record: AdapterRecord, blob: bytes) -> int:
-        """Store a new version (the record's ``version`` is ignored); returns the version written."""
+    async def put(self, record: AdapterRecord, blob: bytes) -> tuple[int, int]:
+        """Store a new version (the record's ``version`` is ignored); returns ``(version, generation)``
+        written."""
         fed, user = record.federation, record.user_id
         meta = record.model_dump_json(exclude={"version"})
-        version = await self._put(
-            keys=[keys.user_adapter(fed, user), events_key(fed)],
+        version, generation = await self._put(
+            keys=[keys.user_adapter(fed, user), events_key(fed), keys.user_generations(fed)],
             args=[blob, meta, user_key(fed, user), record.digest, str(EVENTS_MAXLEN)],
         )
-        return int(version)
+        return int(version), int(generation)
+
+    async def generation(self, fed: str, user: str) -> int:
+        """The user's current generation (0: never uploaded nor deleted)."""
+        raw = await self.redis.hget(keys.user_generations(fed), user_key(fed, user))
+        return 0 if raw is None else int(_text(raw))
+
+    async def load(self, fed: str, user: str) -> tuple[int, tuple[AdapterRecord, bytes] | None]:
+        """``(generation, (record, blob) or None)`` read in one atomic step (MULTI)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.user_generations(fed), user_key(fed, user))
+            pipe.hmget(keys.user_adapter(fed, user), ["version", "meta", "blob"])
+            gen_raw, raw = await pipe.execute()
+        generation = 0 if gen_raw is None else int(_text(gen_raw))
+        found = self._parse(raw, with_blob=True)
+        if found is None:
+            return generation, None
+        record, blob = found
+        assert blob is not None
+        return generation, (record, blob)
 
     async def get(
         self, fed: str, user: str, *, with_blob: bool = True
     ) -> tuple[AdapterRecord, bytes | None] | None:
         fields = ["version", "meta", "blob"] if with_blob else ["version", "meta"]
         raw = await self.redis.hmget(keys.user_adapter(fed, user), fields)
+        return self._parse(raw, with_blob=with_blob)
+
+    @staticmethod
+    def _parse(raw: list[Any], *, with_blob: bool) -> tuple[AdapterRecord, bytes | None] | None:
         if raw[0] is None or raw[1] is None:
             return None
         meta = json.loads(_text(raw[1]))
@@ -209,13 +247,15 @@ class UserAdapterStore:
 
     async def delete(self, fed: str, user: str) -> bool:
         """Erase the user's adapter and announce it; False if there was none."""
+        digest = user_key(fed, user)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.user_adapter(fed, user))
+            pipe.hincrby(keys.user_generations(fed), digest, 1)  # a tombstone: loads in flight lose
             pipe.xadd(
                 events_key(fed),
-                {"op": "delete", "user": user_key(fed, user)},
+                {"op": "delete", "user": digest},
                 maxlen=EVENTS_MAXLEN,
                 approximate=True,
             )
-            deleted, _ = await pipe.execute()
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)

@@ -1,8 +1,22 @@
 """The local Apache Kafka broker: jars from Maven Central, a KRaft config, storage format, health.
 
-Single node, combined broker + controller, loopback only, no ZooKeeper. The jars are resolved by
-``mvn`` through ``scripts/kafka/pom.xml`` into ``<cache_dir>/kafka-<version>/libs`` (outside the
-checkout, reused once complete). :mod:`services.stack.manager` starts and stops the process.
+Single node, combined broker + controller, loopback only, no ZooKeeper. Authenticated and authorized:
+
+* the client listener (``CLIENT``, also the inter-broker one) is SASL_PLAINTEXT with SCRAM-SHA-512 on
+  127.0.0.1. Plain text is acceptable only because it never leaves the host: a listener reachable from
+  other hosts must be SASL_SSL (TLS), as the Strimzi listeners in ``k8s/`` are;
+* the controller listener is SASL_PLAINTEXT with PLAIN and one static user, ``admin`` (KRaft cannot use
+  SCRAM there: the SCRAM credentials live in the metadata log the controller serves);
+* ``StandardAuthorizer`` with ``allow.everyone.if.no.acl.found=false`` and ``super.users=User:admin``;
+  the other principals get per-topic ACLs from :mod:`services.stack.acls`;
+* the principals (``services.transport.PRINCIPALS``) get random passwords, generated once into the
+  credentials file (``settings.kafka_credentials_path``, mode 0600) and added as SCRAM credentials when
+  the storage is formatted (``StorageTool format --add-scram``). A stack formatted without them (an older
+  PFI, or regenerated passwords) is detected by :func:`auth_outdated` and re-formatted by ``pfi stack up``.
+
+The jars are resolved by ``mvn`` through ``scripts/kafka/pom.xml`` into
+``<cache_dir>/kafka-<version>/libs`` (outside the checkout, reused once complete).
+:mod:`services.stack.manager` starts and stops the process.
 """
 
 from __future__ import annotations
@@ -11,22 +25,27 @@ import base64
 import contextlib
 import contextvars
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
-from schemas.errors import StackError
+from schemas.errors import ConfigError, StackError
 from services.settings import PFISettings
 from services.stack.topics import broker_message_max_bytes
+from services.transport import PRINCIPALS, Principal, kafka_kwargs, load_credentials
 
 Echo = Callable[[str], None]
 
@@ -35,6 +54,10 @@ POM_PATH = Path(__file__).resolve().parents[2] / "scripts" / "kafka" / "pom.xml"
 #: Written into the libs folder's parent once ``mvn`` copied every jar.
 COMPLETE_MARKER = ".complete"
 MIN_JAVA = 11
+#: The SCRAM mechanism of the client listener (aiokafka supports SCRAM-SHA-256/512).
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+#: Bumped when the broker's security set-up changes in a way that needs a re-format.
+AUTH_SCHEME = 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,7 @@ class KafkaPaths:
     data: Path  # log.dirs (and the KRaft metadata log)
     pidfile: Path
     cluster_id: Path
+    auth_stamp: Path  # which credentials the storage was formatted with (see auth_outdated)
     log: Path  # stdout/stderr of the JVM (log4j console appender)
     cache: Path  # <cache_dir>/kafka-<version>
     libs: Path
@@ -62,6 +86,7 @@ def kafka_paths(settings: PFISettings) -> KafkaPaths:
         data=root / "data",
         pidfile=root / "kafka.pid",
         cluster_id=root / "cluster.id",
+        auth_stamp=root / "auth.json",
         log=settings.log_dir / "kafka.log",
         cache=cache,
         libs=cache / "libs",
@@ -191,23 +216,108 @@ def java_binary() -> str:
     return java
 
 
+# -------------------------------------------------------------------------------------- credentials
+
+
+def ensure_credentials(settings: PFISettings) -> dict[str, str]:
+    """The principals' passwords: read from the credentials file, missing ones generated (mode 0600)."""
+    path = settings.kafka_credentials_path
+    with _locked(path.with_name(path.name + ".lock")):
+        current = load_credentials(path)
+        if all(name in current for name in PRINCIPALS):
+            return current
+        merged: dict[str, str] = {name: secrets.token_urlsafe(24) for name in PRINCIPALS}
+        merged.update(current)
+        partial = path.with_name(path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(merged, out, indent=2, sort_keys=True)
+            out.write("\n")
+        partial.replace(path)
+        return merged
+
+
+def _credentials_digest(credentials: Mapping[str, str]) -> str:
+    blob = json.dumps({k: credentials[k] for k in PRINCIPALS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _auth_stamp(credentials: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "scheme": AUTH_SCHEME,
+        "mechanism": SCRAM_MECHANISM,
+        "credentials": _credentials_digest(credentials),
+    }
+
+
+def auth_outdated(settings: PFISettings) -> str | None:
+    """Why this stack's formatted storage must be re-formatted for authentication; ``None`` when it is fine.
+
+    Storage formatted without SCRAM users (by a PFI that ran Kafka unauthenticated), or with other
+    passwords than the credentials file holds now, cannot authenticate anyone."""
+    paths = kafka_paths(settings)
+    if _formatted_cluster_id(paths) is None:
+        return None  # not formatted yet: the next start formats it with the users
+    try:
+        stamp = json.loads(paths.auth_stamp.read_text())
+    except (OSError, ValueError):
+        return "its storage was formatted without SASL/SCRAM users (unauthenticated broker)"
+    credentials = load_credentials(settings.kafka_credentials_path)
+    if not all(name in credentials for name in PRINCIPALS):
+        return f"the credentials file {settings.kafka_credentials_path} is missing or incomplete"
+    if stamp != _auth_stamp(credentials):
+        return "its SCRAM users were created with other passwords or an older security set-up"
+    return None
+
+
+def reset_storage(settings: PFISettings) -> None:
+    """Deletes the broker's data (topics, offsets, metadata) so that the next start formats it afresh."""
+    paths = kafka_paths(settings)
+    shutil.rmtree(paths.data, ignore_errors=True)
+    paths.auth_stamp.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------- config
 
 
-def server_properties(settings: PFISettings) -> str:
+def server_properties(settings: PFISettings, credentials: Mapping[str, str]) -> str:
+    """The broker's config; holds the admin password (the file is written with mode 0600)."""
     paths = kafka_paths(settings)
     max_bytes = broker_message_max_bytes(settings)
     kp, cp = settings.kafka_port, settings.kafka_controller_port
+    admin = credentials["admin"]
+    scram_login = "org.apache.kafka.common.security.scram.ScramLoginModule"
+    plain_login = "org.apache.kafka.common.security.plain.PlainLoginModule"
     lines = {
         # KRaft, one node that is both broker and controller.
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{cp}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{kp},CONTROLLER://127.0.0.1:{cp}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{kp}",
+        # Loopback only, so SASL without TLS is acceptable here. A listener that leaves the host must be
+        # SASL_SSL (the passwords and all records would otherwise cross the network in clear text).
+        "listeners": f"CLIENT://127.0.0.1:{kp},CONTROLLER://127.0.0.1:{cp}",
+        "advertised.listeners": f"CLIENT://127.0.0.1:{kp}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "inter.broker.listener.name": "CLIENT",
+        "listener.security.protocol.map": "CLIENT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+        # Clients and inter-broker traffic: SCRAM-SHA-512; the broker itself is the admin principal.
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+        "listener.name.client.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        f"listener.name.client.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+            f'{scram_login} required username="admin" password="{admin}";'
+        ),
+        # Broker -> controller: PLAIN with one static user (SCRAM is not available on KRaft controllers).
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": (
+            f'{plain_login} required username="admin" password="{admin}" user_admin="{admin}";'
+        ),
+        # Nobody may do anything without an ACL; admin (the broker, topic/ACL management) is a super user.
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": "User:admin",
         "log.dirs": str(paths.data),
         # Topics are created explicitly (services/stack/topics.py).
         "auto.create.topics.enable": "false",
@@ -273,12 +383,15 @@ def _formatted_cluster_id(paths: KafkaPaths) -> str | None:
     return None
 
 
-def write_config(settings: PFISettings) -> KafkaPaths:
+def write_config(settings: PFISettings, credentials: Mapping[str, str]) -> KafkaPaths:
     paths = kafka_paths(settings)
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.data.mkdir(parents=True, exist_ok=True)
     paths.log.parent.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(server_properties(settings))
+    fd = os.open(paths.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an older (world-readable) file is rewritten
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(server_properties(settings, credentials))
     paths.log4j.write_text(log4j_properties())
     return paths
 
@@ -298,8 +411,11 @@ def jvm_options(settings: PFISettings, paths: KafkaPaths) -> list[str]:
     ]
 
 
-def format_storage(settings: PFISettings, java: str, echo: Echo = print) -> None:
-    """``StorageTool format`` once (the data folder keeps ``meta.properties`` afterwards)."""
+def format_storage(
+    settings: PFISettings, java: str, credentials: Mapping[str, str], echo: Echo = print
+) -> None:
+    """``StorageTool format`` once (the data folder keeps ``meta.properties`` afterwards), with a SCRAM
+    credential for every principal."""
     paths = kafka_paths(settings)
     if _formatted_cluster_id(paths) is not None:
         return
@@ -323,6 +439,8 @@ def format_storage(settings: PFISettings, java: str, echo: Echo = print) -> None
         str(paths.config),
         "--ignore-formatted",
     ]
+    for name in PRINCIPALS:  # passwords are URL-safe base64: no ',', '[' or ']' to escape
+        cmd += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={credentials[name]}]"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -332,6 +450,7 @@ def format_storage(settings: PFISettings, java: str, echo: Echo = print) -> None
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
         raise StackError(f"kafka storage format failed (exit {out.returncode}): {' | '.join(tail)}")
+    paths.auth_stamp.write_text(json.dumps(_auth_stamp(credentials), indent=2) + "\n")
 
 
 def command(settings: PFISettings, java: str) -> list[str]:
@@ -343,8 +462,9 @@ def prepare(settings: PFISettings, echo: Echo = print) -> list[str]:
     """Everything before the start: jars, Java, config, storage. Returns the command line to run."""
     java = java_binary()
     ensure_jars(settings, echo)
-    write_config(settings)
-    format_storage(settings, java, echo)
+    credentials = ensure_credentials(settings)
+    write_config(settings, credentials)
+    format_storage(settings, java, credentials, echo)
     return command(settings, java)
 
 
@@ -370,11 +490,15 @@ for _name in ("aiokafka", "aiokafka.conn"):
     logging.getLogger(_name).addFilter(_ProbeFilter())
 
 
-async def kafka_health(bootstrap: str, *, timeout_s: float = 5.0) -> str | None:
-    """``None`` when a metadata request succeeds and lists at least one broker; else why not."""
+async def kafka_health(connection: str | Mapping[str, Any], *, timeout_s: float = 5.0) -> str | None:
+    """``None`` when a metadata request succeeds and lists at least one broker; else why not.
+
+    ``connection``: ``services.transport.kafka_kwargs(settings, principal)`` (a bare bootstrap string
+    connects without authentication, which an authenticated broker refuses)."""
+    kwargs = {"bootstrap_servers": connection} if isinstance(connection, str) else dict(connection)
     token = _probing.set(True)
     client = AIOKafkaClient(
-        bootstrap_servers=bootstrap,
+        **kwargs,
         client_id="pfi-stack-health",
         request_timeout_ms=int(timeout_s * 1000),
         retry_backoff_ms=100,
@@ -392,3 +516,14 @@ async def kafka_health(bootstrap: str, *, timeout_s: float = 5.0) -> str | None:
     finally:
         await client.close()
         _probing.reset(token)
+
+
+async def settings_health(
+    settings: PFISettings, principal: Principal = "admin", *, timeout_s: float = 5.0
+) -> str | None:
+    """:func:`kafka_health` with ``principal``'s credentials from ``settings`` (missing ones: the reason)."""
+    try:
+        connection = kafka_kwargs(settings, principal)
+    except ConfigError as err:
+        return str(err)
+    return await kafka_health(connection, timeout_s=timeout_s)

@@ -31,10 +31,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import StackError
+from schemas.errors import ConfigError, StackError
 from services.settings import PFISettings
 from services.stack import broker, keyvalue
 from services.stack.topics import ensure_topics
+from services.transport import kafka_kwargs
 
 Echo = Callable[[str], None]
 
@@ -119,7 +120,7 @@ def _components(settings: PFISettings) -> list[_Component]:
             cwd=kpaths.root,
             markers=("kafka.Kafka", broker.process_marker(settings)),
             prepare=lambda echo: broker.prepare(settings, echo),
-            health=lambda timeout: broker.kafka_health(bootstrap, timeout_s=timeout),
+            health=lambda timeout: broker.settings_health(settings, "admin", timeout_s=timeout),
         ),
         _Component(
             name="redis",
@@ -375,6 +376,26 @@ async def _wait_healthy(
         await asyncio.sleep(0.25)
 
 
+async def _upgrade_kafka_auth(settings: PFISettings, comps: Sequence[_Component], echo: Echo) -> None:
+    """A local broker whose storage has no (or other) SCRAM users is stopped and its data deleted, so that
+    the start below formats it with authentication (local dev data: topics and offsets are lost)."""
+    comp = next(c for c in comps if c.name == "kafka")
+    if comp.external:
+        return
+    reason = await asyncio.to_thread(broker.auth_outdated, settings)
+    if reason is None:
+        return
+    echo(f"kafka: {reason}; re-formatting the local broker with SASL/SCRAM + ACLs (its data is deleted)")
+    pids = set(find_pids(comp.markers))
+    pid = _read_pid(comp.pidfile)
+    if pid is not None and pid_alive(pid) and _matches(pid, comp.markers):
+        pids.add(pid)
+    if pids:
+        await _stop_pids({p: comp.name for p in sorted(pids)}, echo)
+    comp.pidfile.unlink(missing_ok=True)
+    await asyncio.to_thread(broker.reset_storage, settings)
+
+
 async def up_async(
     settings: PFISettings | None = None,
     *,
@@ -387,6 +408,7 @@ async def up_async(
     timeout = timeout_s if timeout_s is not None else settings.stack_start_timeout_s
     comps = _components(settings)
     async with _stack_lock(settings, echo):
+        await _upgrade_kafka_auth(settings, comps, echo)
         pids: dict[str, int | None] = {}
         to_start: list[_Component] = []
         # Look first, start later: nothing is started when one component cannot be.
@@ -415,6 +437,10 @@ async def up_async(
             pid = _spawn(comp, commands[comp.name])
             echo(f"{comp.name}: started (pid {pid}), log {comp.log}")
             pids[comp.name] = pid
+        try:  # fail fast: a health probe without credentials would only time out
+            kafka_kwargs(settings, "admin")
+        except ConfigError as err:
+            raise StackError(f"kafka: {err}") from err
         deadline = time.monotonic() + timeout
         await asyncio.gather(*(_wait_healthy(c, pids[c.name], deadline, timeout, echo) for c in comps))
         if topics:

@@ -30,6 +30,8 @@ from aiokafka.errors import KafkaError
 
 from schemas.errors import StackError
 from services.settings import PFISettings
+from services.stack import acls
+from services.transport import kafka_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def topic_specs(settings: PFISettings, *, partitions: int | None = None) -> list
 
 async def _admin(settings: PFISettings, timeout_s: float) -> AIOKafkaAdminClient:
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         client_id="pfi-stack-admin",
         request_timeout_ms=int(timeout_s * 1000),
     )
@@ -148,7 +150,11 @@ async def ensure_topics(
 async def create_topics(
     settings: PFISettings, specs: Iterable[TopicSpec], *, timeout_s: float = 60.0
 ) -> None:
-    """Create ``specs`` idempotently (see :func:`ensure_topics`)."""
+    """Create ``specs`` idempotently (see :func:`ensure_topics`).
+
+    With authentication on, the service principals' ACLs on those of ``specs`` that are ``settings``'
+    updates / DLQ / versions topics (and the consumer-group ACLs) are created too, when missing, and
+    waited for: a client may use the topics as soon as this returns (:mod:`services.stack.acls`)."""
     wanted = {spec.name: spec for spec in specs}
     if not wanted:
         return
@@ -182,6 +188,11 @@ async def create_topics(
                 await asyncio.sleep(0.5)
         if existing:
             await _reconcile_existing(admin, [wanted[name] for name in sorted(existing)])
+        if acls.acls_enabled(settings):
+            rules = acls.group_acls() + acls.topic_acls(settings, wanted)
+            created = await acls.ensure_acls(admin, rules, timeout_s=max(1.0, deadline - time.monotonic()))
+            if created:
+                log.info("created %d Kafka ACLs for topics %s", created, sorted(wanted))
         await _wait_for_leaders(admin, wanted, deadline)
     finally:
         await admin.close()
@@ -244,7 +255,7 @@ async def _wait_for_leaders(
 
 
 async def delete_topics(settings: PFISettings, names: Iterable[str], *, timeout_s: float = 30.0) -> None:
-    """Delete topics; unknown ones are fine."""
+    """Delete topics and the ACLs on them; unknown ones are fine."""
     topics = sorted(set(names))
     if not topics:
         return
@@ -254,6 +265,8 @@ async def delete_topics(settings: PFISettings, names: Iterable[str], *, timeout_
         for row in _error_rows(response, "topic_error_codes"):
             if row["error_code"] not in (0, _UNKNOWN_TOPIC_OR_PARTITION):
                 raise StackError(f"cannot delete topic {row['topic']!r}: error code {row['error_code']}")
+        if acls.acls_enabled(settings):
+            await acls.delete_topic_acls(admin, topics)
     finally:
         await admin.close()
 

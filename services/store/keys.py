@@ -4,7 +4,9 @@ a federation in one slot and the atomic commit (a Lua script) can touch all of t
 from __future__ import annotations
 
 FEDERATIONS = "pfi:federations"  # set of federation names
-CLIENT_KEYS = "pfi:clients:keys"  # hash client_id -> hex HMAC key
+TOKENS_REVOKED = "pfi:tokens:revoked"  # zset: revoked bearer-token jti -> its exp (unix)
+TOKENS_REVOKED_CLIENTS = "pfi:tokens:revoked-clients"  # zset "<fed>/<client_id>" -> revoked_at (unix)
+TOKENS_EPOCH = "pfi:tokens:epoch"  # INCR on every change of the two above
 
 
 def prefix(fed: str) -> str:
@@ -38,7 +40,14 @@ def offsets(fed: str) -> str:
 
 
 def seen(fed: str) -> str:
+    """Set of :func:`seen_member` of every aggregated update (dedupe per client and update id)."""
     return prefix(fed) + "seen"
+
+
+def seen_member(client_id: str, update_id: str) -> str:
+    """``client_id/update_id``: ids never contain ``/`` (``schemas.events.ID_PATTERN``), so no client can
+    name another client's member. (Members of older data without a client are never matched again.)"""
+    return f"{client_id}/{update_id}"
 
 
 def retained(fed: str) -> str:
@@ -72,13 +81,39 @@ def live(fed: str) -> str:
     return prefix(fed) + "live"
 
 
+def clients(fed: str) -> str:
+    """The federation's client registry: hash client_id -> JSON record (key, status, ...)."""
+    return prefix(fed) + "clients"
+
+
+def clients_epoch(fed: str) -> str:
+    """INCR on every change of :func:`clients` (verifiers poll it and reload on change)."""
+    return prefix(fed) + "clients:epoch"
+
+
+def enrollment(fed: str, token_id: str) -> str:
+    """An enrollment token: hash {sha256, uses, expires_at}, with PEXPIRE at its expiry."""
+    return prefix(fed) + f"enroll:{token_id}"
+
+
+def token_proof(fed: str, digest: str) -> str:
+    """A used key proof of the token-refresh route (SET NX with a TTL: a proof is good once)."""
+    return prefix(fed) + f"proof:{digest}"
+
+
 def user_adapter(fed: str, user: str) -> str:
     return prefix(fed) + f"user:{user}:adapter"
 
 
-def partition_watermarks(topic: str) -> str:
-    """Hash partition -> offset below which every message of ``topic`` is durably handled."""
-    return f"pfi:watermarks:{topic}"
+def user_events(fed: str) -> str:
+    """Redis stream of personal adapter uploads and deletes (users named by a digest only)."""
+    return prefix(fed) + "user-events"
+
+
+def user_generations(fed: str) -> str:
+    """Hash user digest -> generation, HINCRBY on every upload and delete of that user's adapter (never
+    reset, a tombstone across deletes): a replica inserts a loaded adapter only if it is unchanged."""
+    return prefix(fed) + "user-generations"
 
 
 def offset_field(topic: str, partition: int) -> str:
@@ -87,3 +122,10 @@ def offset_field(topic: str, partition: int) -> str:
 
 def hwm_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}:hwm"
+
+
+def watermark_field(topic: str, partition: int) -> str:
+    """The federation's watermark on a partition, in its ``offsets`` hash (its slot): every message of
+    the federation below it is durable. A partition's seek position is the minimum over the federations
+    (see :meth:`services.store.versions.VersionStore.get_watermarks`)."""
+    return f"{topic}:{partition}:wm"

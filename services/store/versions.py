@@ -1,16 +1,28 @@
 """Versioned global adapters in Redis.
 
 Blobs are immutable per version. A new version is committed by one Lua script together with the
-consumed Kafka offsets, the aggregated update ids (dedupe), stat increments, the server optimizer
-state and a stream announcement, guarded by the expected ``latest``/``head`` values (fencing: a
-zombie aggregator that lost its partition, or a rollback in between, makes the commit fail with
-:class:`CommitConflict` instead of forking the lineage).
+consumed Kafka offsets, the aggregated ``(client, update id)`` pairs (dedupe per client: one client
+cannot squat another's update id), stat increments, the server optimizer state and a stream
+announcement, guarded by the expected ``latest``/``head`` values (fencing: a zombie aggregator that
+lost its partition, or a rollback in between, makes the commit fail with :class:`CommitConflict`
+instead of forking the lineage). A federation is created (spec + v0) by one Lua script too.
+
+Every key a commit or a seek needs is in the federation's slot (hash tag ``{fed}``), watermarks
+included: each federation's ``offsets`` hash holds, per partition of the updates topic, ``safe`` and
+``hwm`` (written with its commits) and ``wm``, its watermark, raised after the aggregator's Kafka group
+commit succeeded. A partition's seek position is the minimum over the federations of
+``max(safe, wm)`` (each a lower bound of that federation's first message not yet durable); a partition
+no federation has a mark on is read from its beginning. A Redis failover that loses a federation's
+latest writes thus loses its watermark with them, and the seek goes back as far as that federation
+needs. (The old topic-wide ``pfi:watermarks:<topic>`` hash lived in another slot; it is no longer read.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
@@ -23,6 +35,8 @@ from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.store import keys
 
+log = logging.getLogger("pfi.store")
+
 
 class StoreError(PFIError):
     """A Redis-side invariant refused the operation."""
@@ -34,6 +48,16 @@ class CommitConflict(StoreError):
 
 class UnknownFederation(StoreError):
     pass
+
+
+class NotReplicated(StoreError):
+    """The version is committed on the primary, but fewer replicas than required acknowledged it (Redis
+    ``WAIT``) after every retry: do not announce it (a failover could still lose it)."""
+
+    def __init__(self, message: str, *, version: int, acked: int) -> None:
+        super().__init__(message)
+        self.version = version
+        self.acked = acked
 
 
 def _script(name: str) -> str:
@@ -65,7 +89,7 @@ class VersionCommit:
     blob: bytes
     meta: VersionMeta
     offsets: Mapping[str, int] = field(default_factory=dict)
-    update_ids: tuple[str, ...] = ()
+    seen_members: tuple[str, ...] = ()  # keys.seen_member(client_id, update_id) of the aggregated updates
     stat_increments: Mapping[str, int] = field(default_factory=dict)
     optimizer_blob: bytes = b""
     accountant_json: str = ""
@@ -76,11 +100,26 @@ class VersionCommit:
 class VersionStore:
     """Async access to the Redis layout of ``services.store.keys``."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        wait_attempts: int = 3,
+    ) -> None:
+        """``wait_replicas`` > 0: after each version commit, Redis ``WAIT`` (on the commit's connection)
+        until that many replicas acknowledged it, ``wait_attempts`` times ``wait_timeout_ms`` at most;
+        else :class:`NotReplicated`."""
         self.redis = redis
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.wait_attempts = max(1, wait_attempts)
         self._commit = redis.register_script(_script("commit_version.lua"))
         self._progress = redis.register_script(_script("commit_offsets.lua"))
         self._rollback = redis.register_script(_script("rollback.lua"))
+        self._create = redis.register_script(_script("create_federation.lua"))
+        self._raise_marks = redis.register_script(_script("raise_watermarks.lua"))
 
     # -- federations ---------------------------------------------------------------------------
     async def list_federations(self) -> list[str]:
@@ -96,6 +135,38 @@ class VersionStore:
         if spec is None:
             raise UnknownFederation(f"federation {fed!r} does not exist")
         return spec
+
+    async def create_federation(
+        self, spec: FederationSpec, blob: bytes, meta: VersionMeta, event_json: str
+    ) -> None:
+        """Spec and v0 in one atomic step (the federation's slot); :class:`StoreError` if the name is taken.
+        The name index is added first and removed again when the script refuses or fails."""
+        fed = spec.name
+        added = await self.redis.sadd(keys.FEDERATIONS, fed)
+        try:
+            await self._create(
+                keys=[
+                    keys.spec(fed),
+                    keys.latest(fed),
+                    keys.head(fed),
+                    keys.adapter(fed, 0),
+                    keys.meta(fed, 0),
+                    keys.retained(fed),
+                    keys.events(fed),
+                ],
+                args=[spec.model_dump_json(), blob, meta.model_dump_json(), event_json],
+            )
+        except ResponseError as err:
+            if added:
+                await self.redis.srem(keys.FEDERATIONS, fed)
+            if str(err).startswith("EXISTS"):
+                raise StoreError(f"federation {fed!r} already exists") from None
+            raise StoreError(str(err)) from None
+        except BaseException:
+            if added:
+                with contextlib.suppress(Exception):
+                    await self.redis.srem(keys.FEDERATIONS, fed)
+            raise
 
     async def put_spec(self, spec: FederationSpec) -> bool:
         """Store a new federation's spec; False if the name is taken."""
@@ -151,7 +222,7 @@ class VersionStore:
         ]
         for name, value in c.offsets.items():
             argv += [name, str(value)]
-        argv += [str(len(c.update_ids)), *c.update_ids, str(len(c.stat_increments))]
+        argv += [str(len(c.seen_members)), *c.seen_members, str(len(c.stat_increments))]
         for name, inc in c.stat_increments.items():
             argv += [name, str(inc)]
         script_keys = [
@@ -168,10 +239,37 @@ class VersionStore:
             keys.events(fed),
             keys.pinned(fed),
         ]
-        try:
-            return int(await self._commit(keys=script_keys, args=argv))
-        except ResponseError as err:
-            raise _translate(err) from None
+        if self.wait_replicas <= 0:
+            try:
+                return int(await self._commit(keys=script_keys, args=argv))
+            except ResponseError as err:
+                raise _translate(err) from None
+        # WAIT counts the writes of its own connection: pin one for the commit and the WAIT.
+        async with self.redis.client() as conn:
+            try:
+                version = int(await self._commit(keys=script_keys, args=argv, client=conn))
+            except ResponseError as err:
+                raise _translate(err) from None
+            acked = 0
+            for attempt in range(1, self.wait_attempts + 1):
+                acked = int(await conn.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms))  # type: ignore[no-untyped-call]
+                if acked >= self.wait_replicas:
+                    return version
+                log.warning(
+                    "%s v%d: %d of %d Redis replica(s) acknowledged within %d ms (try %d of %d)",
+                    fed,
+                    version,
+                    acked,
+                    self.wait_replicas,
+                    self.wait_timeout_ms,
+                    attempt,
+                    self.wait_attempts,
+                )
+        raise NotReplicated(
+            f"{fed} v{version}: {acked} of {self.wait_replicas} replica(s) acknowledged the commit",
+            version=version,
+            acked=acked,
+        )
 
     async def commit_progress(
         self,
@@ -211,16 +309,17 @@ class VersionStore:
         raw = await self.redis.hgetall(keys.offsets(fed))
         return {_text(k): int(v) for k, v in raw.items()}
 
-    async def is_seen(self, fed: str, update_id: str) -> bool:
-        return bool(await self.redis.sismember(keys.seen(fed), update_id))
+    async def is_seen(self, fed: str, client_id: str, update_id: str) -> bool:
+        """Whether ``client_id``'s update ``update_id`` is in a committed version of ``fed``."""
+        return bool(await self.redis.sismember(keys.seen(fed), keys.seen_member(client_id, update_id)))
 
-    async def are_seen(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-        """``is_seen`` of many (federation, update id) pairs in one round trip (a pipeline, no MULTI)."""
-        if not pairs:
+    async def are_seen(self, triples: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """``is_seen`` of many (federation, client id, update id) in one round trip (a pipeline, no MULTI)."""
+        if not triples:
             return []
         pipe = self.redis.pipeline(transaction=False)
-        for fed, update_id in pairs:
-            pipe.sismember(keys.seen(fed), update_id)
+        for fed, client_id, update_id in triples:
+            pipe.sismember(keys.seen(fed), keys.seen_member(client_id, update_id))
         return [bool(answer) for answer in await pipe.execute()]
 
     async def get_stats(self, fed: str) -> dict[str, int]:
@@ -234,18 +333,51 @@ class VersionStore:
         raw = await self.redis.get(keys.accountant(fed))
         return None if raw is None else dict(json.loads(raw))
 
-    async def get_watermarks(self, topic: str) -> dict[int, int]:
-        raw = await self.redis.hgetall(keys.partition_watermarks(topic))
-        return {int(k): int(v) for k, v in raw.items()}
+    async def federation_marks(
+        self, topic: str, feds: Iterable[str] | None = None
+    ) -> dict[str, dict[int, int]]:
+        """Per federation (all of them unless ``feds``), per partition of ``topic`` it has a mark on:
+        ``max(safe, wm)``, below which all its messages are durable. One pipelined round trip."""
+        names = list(dict.fromkeys(feds)) if feds is not None else await self.list_federations()
+        if not names:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for fed in names:
+            pipe.hgetall(keys.offsets(fed))
+        out: dict[str, dict[int, int]] = {}
+        for fed, raw in zip(names, await pipe.execute(), strict=True):
+            marks: dict[int, int] = {}
+            for name, value in raw.items():
+                partition = _partition_of(topic, _text(name))
+                if partition is not None:
+                    marks[partition] = max(marks.get(partition, 0), int(value))
+            if marks:
+                out[fed] = marks
+        return out
 
-    async def raise_watermarks(self, topic: str, marks: Mapping[int, int]) -> None:
-        """Monotonically raise partition watermarks (a lower bound, so a lost write is harmless)."""
-        if not marks:
-            return
-        current = await self.get_watermarks(topic)
-        update = {str(p): str(o) for p, o in marks.items() if o > current.get(p, -1)}
-        if update:
-            await self.redis.hset(keys.partition_watermarks(topic), mapping=cast(Any, update))
+    async def get_watermarks(self, topic: str, feds: Iterable[str] | None = None) -> dict[int, int]:
+        """Partition -> seek position: the minimum over the federations of :meth:`federation_marks`
+        (partitions absent: no federation has a mark there; read them from the beginning)."""
+        out: dict[int, int] = {}
+        for marks in (await self.federation_marks(topic, feds)).values():
+            for partition, offset in marks.items():
+                out[partition] = min(out.get(partition, offset), offset)
+        return out
+
+    async def raise_watermarks(self, topic: str, marks: Mapping[str, Mapping[int, int]]) -> None:
+        """Monotonically raise the watermarks of each federation (``fed -> partition -> offset``), each in
+        its own slot, pipelined. A lower bound: a lost write only means a longer replay."""
+        pipe = self.redis.pipeline(transaction=False)
+        queued = False
+        for fed, partitions in marks.items():
+            args: list[Any] = []
+            for partition, offset in partitions.items():
+                args += [keys.watermark_field(topic, partition), str(offset)]
+            if args:
+                await self._raise_marks(keys=[keys.offsets(fed)], args=args, client=pipe)
+                queued = True
+        if queued:
+            await pipe.execute()
 
     async def set_live(self, fed: str, fields: Mapping[str, str | int | float]) -> None:
         pipe = self.redis.pipeline(transaction=False)  # one round trip
@@ -256,6 +388,15 @@ class VersionStore:
     async def get_live(self, fed: str) -> dict[str, str]:
         raw = await self.redis.hgetall(keys.live(fed))
         return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _partition_of(topic: str, name: str) -> int | None:
+    """The partition of an ``offsets`` field of ``topic`` that bounds replay (``safe`` or ``wm``)."""
+    if not name.startswith(f"{topic}:"):
+        return None
+    rest = name[len(topic) + 1 :]
+    number = rest.removesuffix(":wm")
+    return int(number) if number.isdigit() else None
 
 
 def _translate(err: ResponseError) -> StoreError:

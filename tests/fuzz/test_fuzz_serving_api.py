@@ -72,12 +72,18 @@ def draw(strategy: Any, n: int) -> list[Any]:
 def tokens(h: Harness) -> list[tuple[str, dict[str, str]]]:
     now = time.time()
     stranger = TokenSigner(secrets.token_bytes(32))
+    fed = h.federation or "no-federation"
+    signer = h.service.signer
     return [
         ("user", {"Authorization": f"Bearer {h.token(USER)}"}),
         ("admin", {"Authorization": f"Bearer {h.token('fuzz-admin', admin=True)}"}),
-        ("expired", {"Authorization": f"Bearer {h.service.signer.issue(USER, ttl_s=60, now=now - 7200)}"}),
-        ("foreign", {"Authorization": f"Bearer {stranger.issue(USER)}"}),
-        ("garbage", {"Authorization": "Bearer pfi1.%%%not-a-token"}),
+        ("device", {"Authorization": f"Bearer {h.token(USER, role='device')}"}),
+        (
+            "expired",
+            {"Authorization": f"Bearer {signer.issue(USER, federation=fed, ttl_s=60, now=now - 7200)}"},
+        ),
+        ("foreign", {"Authorization": f"Bearer {stranger.issue(USER, federation=fed)}"}),
+        ("garbage", {"Authorization": "Bearer pfi2.%%%not-a-token"}),
         ("none", {}),
     ]
 
@@ -112,7 +118,7 @@ async def test_fuzz_personalization_api_has_no_server_errors(
     settings: PFISettings, redis_client: Redis
 ) -> None:
     fed = await new_federation(VersionStore(redis_client))
-    async with serving(settings, ServeSettings(max_new_tokens=8), timeout_s=60) as h:
+    async with serving(settings, ServeSettings(max_new_tokens=8), timeout_s=60, federation=fed.name) as h:
         spec = (await h.client.get("/openapi.json")).json()
         schema = schemathesis.openapi.from_dict(spec)
         operations = [r.ok() for r in schema.get_all_operations()]

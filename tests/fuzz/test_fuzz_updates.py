@@ -31,10 +31,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer
 from schemas.errors import RejectReason
 from services.aggregator.service import Aggregator
-from services.federation.admin import federation_status, register_client
+from services.federation.admin import federation_status
+from services.identity import ClientRegistry
+from services.ingest.producer import UpdateProducer
 from services.settings import AggregatorSettings, PFISettings
 from services.store.versions import VersionStore
 from tests.fuzz.cases import RAW, RAW_MIX, SDK, SDK_MIX, CaseGenerator, Limits, Party, summary
@@ -52,7 +53,9 @@ REJECTED = "pfi_aggregator_updates_rejected_total"
 @contextlib.asynccontextmanager
 async def watched_aggregator(settings: PFISettings) -> AsyncIterator[tuple[Aggregator, asyncio.Task[None]]]:
     """An in-process aggregator and its task (a crash ends the task: the test checks it is still running)."""
-    agg_settings = AggregatorSettings(group_id=f"g-{settings.topic_prefix}", port=0, progress_interval_s=0.5)
+    agg_settings = AggregatorSettings(
+        group_id=f"pfi-aggregator-{settings.topic_prefix}", port=0, progress_interval_s=0.5
+    )
     aggregator = Aggregator(settings, agg_settings, CollectorRegistry())
     task = asyncio.create_task(aggregator.run())
     try:
@@ -75,7 +78,15 @@ def metric_by_reason(aggregator: Aggregator, name: str) -> Counter[str]:
 async def test_fuzz_bad_updates(pfi_settings: PFISettings, redis_client: Redis) -> None:
     started = time.monotonic()
     settings = pfi_settings.model_copy(
-        update={"max_update_bytes": 48 * 1024, "max_decoded_bytes": 64 * 1024, "chunk_ttl_s": 2.0}
+        update={
+            "max_update_bytes": 48 * 1024,
+            "max_decoded_bytes": 64 * 1024,
+            "chunk_ttl_s": 2.0,
+            # The fuzz checks each chunk's own reason; quotas have their own tests
+            # (tests/integration/test_aggregator_untrusted.py): one client here holds many uploads.
+            "chunk_uploads_per_client": 100_000,
+            "chunk_client_bytes": 1 << 30,
+        }
     )
     sdk_settings = settings.model_copy(update={"chunk_bytes": 4096})
     store = VersionStore(redis_client)
@@ -89,9 +100,9 @@ async def test_fuzz_bad_updates(pfi_settings: PFISettings, redis_client: Redis) 
         robust="median",
     )
     client_id = f"fz-client-{spec.name}"
-    client = Party(client_id, await register_client(redis_client, client_id))
+    client = Party(client_id, await ClientRegistry(redis_client).register(spec.name, client_id))
     other_id = f"fz-other-{spec.name}"
-    other = Party(other_id, await register_client(redis_client, other_id))
+    other = Party(other_id, await ClientRegistry(redis_client).register(spec.name, other_id))
     shapes = shapes_of(await global_state(store, spec.name, 0))
     gen = CaseGenerator(spec, client, other, shapes, Limits.of(settings, 4096), seed=SEED)
     raw_mix = {c: max(1, round(n * SCALE)) for c, n in RAW_MIX.items()}
@@ -105,6 +116,7 @@ async def test_fuzz_bad_updates(pfi_settings: PFISettings, redis_client: Redis) 
 
     # -- send everything, in order -----------------------------------------------------------------
     positions: dict[int, list[tuple[int, int]]] = {}  # case index -> where each raw message landed
+    signing_keys = {party.client_id: party.key for party in (client, other)}
     async with watched_aggregator(settings) as (agg, task), UpdateProducer(sdk_settings) as producer:
         pending: list[tuple[int, list[Any]]] = []
         for i, case in enumerate(cases):
@@ -116,7 +128,8 @@ async def test_fuzz_bad_updates(pfi_settings: PFISettings, redis_client: Redis) 
                 pending.append((i, futures))
             else:
                 assert case.envelope is not None
-                await producer.send(case.envelope)
+                # The SDK signs its chunks with its own key (an unregistered party's key is unknown).
+                await producer.send(case.envelope, key=signing_keys.get(case.envelope.data.client_id))
         for i, futures in pending:
             metas = [await f for f in futures]
             positions[i] = [(m.partition, m.offset) for m in metas]

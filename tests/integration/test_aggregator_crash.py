@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer, update_messages
+from clients.updates import update_messages
 from schemas.events import TensorEncoding
 from services.federation.admin import create_federation
+from services.ingest.producer import UpdateProducer
 from services.settings import PFISettings
 from services.store.keys import hwm_field
 from services.store.versions import VersionStore
@@ -133,7 +134,7 @@ async def test_kill9_replays_interleaved_chunked_uploads_exactly_once(
 
     def update(seed: int, encoding: TensorEncoding) -> tuple[str, list[bytes]]:
         envelope = client.update(random_delta(shapes, seed), base_version=0, encoding=encoding)
-        messages = update_messages(envelope, settings)
+        messages = update_messages(envelope, settings, key=client.key)
         assert len(messages) == (3 if encoding is big else 1)
         return envelope.data.update_id, messages
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer
 from services.federation.admin import create_federation
+from services.ingest.producer import UpdateProducer
 from services.settings import PFISettings
 from services.store.versions import VersionStore
 from tests.support.federations import global_state, new_client, tiny_spec

@@ -25,7 +25,7 @@ import pytest
 import torch
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer, build_update
+from clients.updates import build_update
 from schemas.chunking import split_frame
 from schemas.errors import RejectReason
 from schemas.events import (
@@ -38,9 +38,10 @@ from schemas.events import (
     utcnow,
 )
 from schemas.frame import decode_frame, encode_frame
-from schemas.signing import generate_key
+from schemas.signing import generate_key, sign_chunk
 from services.aggregator.service import Aggregator
 from services.federation.admin import federation_status, rollback_federation
+from services.ingest.producer import UpdateProducer
 from services.settings import PFISettings
 from services.store.versions import VersionStore
 from tests.support.federations import (
@@ -291,7 +292,7 @@ async def test_unknown_federation(pfi_settings: PFISettings, redis_client: Redis
         sent = [await r.send_update(envelope, key=key)]
         # A chunked upload to the same nowhere: every chunk is refused on arrival.
         big = r.build(r.delta(), **ghost)
-        chunks = chunked(big, r.settings, 2048)
+        chunks = chunked(big, r.settings, 2048, r.client.key)
         assert len(chunks) > 1
         for pos in await r.send(chunks, key=key):
             sent.append(Sent(pos, big.data.update_id, big.data.client_id))
@@ -442,7 +443,7 @@ async def test_oversized(pfi_settings: PFISettings, redis_client: Redis) -> None
         sent = [Sent(pos) for pos in await r.send([frame])]  # refused before it is parsed: no ids
         # The same update chunked (each chunk is small): every chunk is refused, its header says
         # the whole is over the cap.
-        chunks = chunked(r.client.update(bloated), r.settings, 16 * 1024)
+        chunks = chunked(r.client.update(bloated), r.settings, 16 * 1024, r.client.key)
         assert len(chunks) > 1
         chunk_env = decode_frame(chunks[0], max_frame_bytes=1 << 20)
         for pos in await r.send(chunks):
@@ -454,14 +455,18 @@ async def test_oversized(pfi_settings: PFISettings, redis_client: Redis) -> None
         await r.still_aggregates(len(sent))  # a normal (~8 KiB) update still fits
 
 
-def chunk_frame(chunk: AdapterUpdateChunk, source: str) -> bytes:
-    return encode_frame(make_envelope(chunk, source=source, subject=chunk.update_id))
+def chunk_frame(chunk: AdapterUpdateChunk, source: str, key: bytes) -> bytes:
+    """A chunk frame signed by ``key`` (its client's: what only the client itself could send)."""
+    envelope = make_envelope(
+        chunk.model_copy(update={"signature": None}), source=source, subject=chunk.update_id
+    )
+    return encode_frame(sign_chunk(envelope, key))
 
 
 async def test_chunk_corrupt(pfi_settings: PFISettings, redis_client: Redis) -> None:
     async with rig(pfi_settings, redis_client) as r:
         envelope = r.client.update(r.delta())
-        chunks = chunked(envelope, r.settings, 2048)
+        chunks = chunked(envelope, r.settings, 2048, r.client.key)
         assert len(chunks) >= 3
         # (1) One chunk's payload flipped in transit (its chunk_sha256 kept): refused on its own;
         # the intact copy sent afterwards completes the upload, which is then accepted.
@@ -489,7 +494,8 @@ async def test_chunk_corrupt(pfi_settings: PFISettings, redis_client: Redis) -> 
         parts = [decode_frame(m, max_frame_bytes=1 << 20).data for m in lying]
         wrong_total = "ab" * 32
         forged = [
-            chunk_frame(p.model_copy(update={"total_sha256": wrong_total}), other.source) for p in parts
+            chunk_frame(p.model_copy(update={"total_sha256": wrong_total}), other.source, r.client.key)
+            for p in parts
         ]
         positions = await r.send(forged)
         sent.append(Sent(positions[-1], other.data.update_id, r.client.client_id))  # on completion
@@ -501,7 +507,7 @@ async def test_chunk_corrupt(pfi_settings: PFISettings, redis_client: Redis) -> 
 async def test_chunk_duplicate(pfi_settings: PFISettings, redis_client: Redis) -> None:
     async with rig(pfi_settings, redis_client) as r:
         envelope = r.client.update(r.delta())
-        chunks = chunked(envelope, r.settings, 2048)
+        chunks = chunked(envelope, r.settings, 2048, r.client.key)
         assert len(chunks) >= 3
         first = decode_frame(chunks[0], max_frame_bytes=1 << 20).data
         other_bytes = bytearray(first.payload)
@@ -510,7 +516,9 @@ async def test_chunk_duplicate(pfi_settings: PFISettings, redis_client: Redis) -
             update={"payload": bytes(other_bytes), "chunk_sha256": hashlib.sha256(other_bytes).hexdigest()}
         )
         # chunk 0, chunk 0 again identical (idempotent), chunk 0 with other bytes (refused), the rest.
-        positions = await r.send([chunks[0], chunks[0], chunk_frame(impostor, envelope.source), *chunks[1:]])
+        positions = await r.send(
+            [chunks[0], chunks[0], chunk_frame(impostor, envelope.source, r.client.key), *chunks[1:]]
+        )
         sent = [Sent(positions[2], envelope.data.update_id, r.client.client_id)]
         await r.expect_rejected(RejectReason.CHUNK_DUPLICATE, sent)
         # The upload still completes with the original chunk 0 and is aggregated.
@@ -524,7 +532,7 @@ async def test_chunk_duplicate(pfi_settings: PFISettings, redis_client: Redis) -
 async def test_chunk_expired(pfi_settings: PFISettings, redis_client: Redis) -> None:
     async with rig(pfi_settings, redis_client, settings={"chunk_ttl_s": 0.5}) as r:
         envelope = r.client.update(r.delta())
-        chunks = chunked(envelope, r.settings, 2048)
+        chunks = chunked(envelope, r.settings, 2048, r.client.key)
         assert len(chunks) >= 3
         positions = await r.send(chunks[:2])  # the rest never comes
         sent = [Sent(positions[0], envelope.data.update_id, r.client.client_id)]  # first chunk's offset

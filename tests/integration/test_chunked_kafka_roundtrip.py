@@ -26,6 +26,7 @@ from schemas.frame import decode_frame, encode_frame
 from schemas.signing import StaticKeyStore, generate_key, sign_update, verify_update
 from services.settings import PFISettings
 from services.stack.topics import consumer_limits, producer_limits
+from services.transport import kafka_kwargs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -62,8 +63,9 @@ def signed_update(
 
 
 async def produce(settings: PFISettings, bootstrap: str, key: bytes, messages: list[bytes]) -> list[Any]:
+    connection = {**kafka_kwargs(settings, "admin"), "bootstrap_servers": bootstrap}
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", **producer_limits(settings)
+        **connection, enable_idempotence=True, acks="all", **producer_limits(settings)
     )
     await producer.start()
     try:
@@ -77,8 +79,9 @@ async def consume_update(
     settings: PFISettings, bootstrap: str, partition: int, first_offset: int, count: int
 ) -> tuple[bytes | None, list[Any]]:
     """Read ``count`` records from ``first_offset``; feed chunks to a Reassembler."""
+    connection = {**kafka_kwargs(settings, "admin"), "bootstrap_servers": bootstrap}
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **consumer_limits(settings)
+        **connection, enable_auto_commit=False, group_id=None, **consumer_limits(settings)
     )
     await consumer.start()
     reassembler: Reassembler[int] = Reassembler(

@@ -1,4 +1,4 @@
-"""The `pfi federation` / `pfi keys` commands against the real Redis."""
+"""The `pfi federation` commands against the real Redis (`pfi clients` / `pfi token`: test_identity)."""
 
 from __future__ import annotations
 
@@ -102,9 +102,3 @@ def test_create_from_spec_file_and_bad_spec(pfi_settings: PFISettings, tmp_path:
     bad = _pfi(pfi_settings, "federation", "create", "--spec", str(spec_file))
     assert bad.returncode == 1
     assert "cannot read spec file" in bad.stderr
-
-
-def test_keys_add_registers_a_hex_key(pfi_settings: PFISettings) -> None:
-    out = _pfi(pfi_settings, "keys", "add", "alice")
-    assert out.returncode == 0, out.stderr
-    assert len(bytes.fromhex(out.stdout.strip())) == 32

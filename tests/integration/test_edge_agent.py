@@ -1,4 +1,7 @@
-"""The edge agent on the real stack (Kafka + Redis, tiny model): train, send, get aggregated."""
+"""The edge agent on the real stack (tiny model): it enrolls through the personalization app, fetches the
+global adapter from it, uploads through its ingest route (Kafka behind it) and gets aggregated. The
+``pfi edge run`` test gives the device nothing but the service URL and an enrollment token: its Redis
+address points at a closed port."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import os
 import random
 import subprocess
 import sys
-import uuid
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,24 +20,23 @@ import pytest
 import torch
 from redis.asyncio import Redis
 
-from clients.agent import (
-    AgentOptions,
-    DiskPersonalStore,
-    EdgeAgent,
-    KafkaSender,
-    SpecMismatchError,
-    ensure_client_key,
-    wire_encoding,
-)
+from clients.agent import AgentOptions, SpecMismatchError, wire_encoding
+from clients.credentials import credential_path, load_credential
 from clients.data import UserData
-from clients.outbox import Outbox
-from clients.source import RedisGlobalSource
+from clients.enrollment import DeviceIdentity, EnrollmentError
+from clients.personal import DiskPersonalStore
+from clients.settings import EdgeSettings
 from clients.training import AdapterTrainer, TrainConfig
+from modeling.base import TINY_LLAMA, load_base_model
+from schemas.errors import ConfigError
 from schemas.events import DPMetadata, FederationSpec, LoraSpec
 from services.federation.admin import create_federation
-from modeling.base import TINY_LLAMA, load_base_model
-from services.settings import PFISettings
+from services.identity.enrollment import Enrollment
+from services.identity.registry import ClientRegistry
+from services.personalization.harness import BASE_URL, serving
+from services.settings import PFISettings, ServeSettings
 from services.store.versions import VersionStore
+from tests.support.edge import Devices, serve_process
 from tests.support.federations import (
     fed_name,
     global_state,
@@ -71,45 +73,17 @@ def trainer() -> AdapterTrainer:
     return AdapterTrainer(load_base_model(TINY_LLAMA), tiny_spec())
 
 
-class Agents:
-    def __init__(self, settings: PFISettings, redis: Redis, trainer: AdapterTrainer, root: Path) -> None:
-        self.settings = settings
-        self.redis = redis
-        self.trainer = trainer
-        self.root = root
-        self.senders: list[KafkaSender] = []
-
-    async def make(
-        self, federation: str, user: str, *, options: AgentOptions | None = None, state: str = "state"
-    ) -> EdgeAgent:
-        state_dir = self.root / state
-        key = await ensure_client_key(user, settings=self.settings, state_dir=state_dir, redis=self.redis)
-        sender = KafkaSender(self.settings)
-        self.senders.append(sender)
-        return EdgeAgent(
-            federation,
-            user,
-            key,
-            RedisGlobalSource(self.redis),
-            self.trainer,
-            Outbox(state_dir / user / "outbox"),
-            sender,
-            self.settings,
-            state_dir,
-            options or AgentOptions(),
-        )
-
-
 @pytest.fixture
 async def agents(
-    pfi_settings: PFISettings, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
-) -> AsyncIterator[Agents]:
-    made = Agents(pfi_settings, redis_client, trainer, tmp_path)
-    try:
-        yield made
-    finally:
-        for sender in made.senders:
-            await sender.close()
+    pfi_settings: PFISettings, trainer: AdapterTrainer, tmp_path: Path
+) -> AsyncIterator[Devices]:
+    async with serving(pfi_settings, ServeSettings()) as h:
+        devices = Devices(h, trainer, tmp_path)
+        try:
+            yield devices
+        finally:
+            for identity in devices.identities:
+                await identity.aclose()
 
 
 async def read_updates(settings: PFISettings, count: int, timeout_s: float = 20.0) -> list[Any]:
@@ -117,7 +91,7 @@ async def read_updates(settings: PFISettings, count: int, timeout_s: float = 20.
 
 
 async def test_shared_and_personal_training_lowers_heldout_loss(
-    agents: Agents, redis_client: Redis, trainer: AdapterTrainer
+    agents: Devices, redis_client: Redis, trainer: AdapterTrainer
 ) -> None:
     store = VersionStore(redis_client)
     spec = tiny_spec()
@@ -146,7 +120,7 @@ async def test_shared_and_personal_training_lowers_heldout_loss(
 
 
 async def test_updates_are_accepted_by_the_aggregator_fp16_int8_and_dp(
-    agents: Agents, pfi_settings: PFISettings, redis_client: Redis
+    agents: Devices, pfi_settings: PFISettings, redis_client: Redis
 ) -> None:
     store = VersionStore(redis_client)
     spec = tiny_spec(buffer_size=3)
@@ -192,7 +166,7 @@ async def test_updates_are_accepted_by_the_aggregator_fp16_int8_and_dp(
 
 
 async def test_agent_refuses_a_global_adapter_of_another_spec(
-    agents: Agents, redis_client: Redis, tmp_path: Path
+    agents: Devices, redis_client: Redis, tmp_path: Path
 ) -> None:
     store = VersionStore(redis_client)
     other = FederationSpec(
@@ -208,7 +182,7 @@ async def test_agent_refuses_a_global_adapter_of_another_spec(
 
 
 async def test_personal_adapter_and_key_persist_across_agent_restarts(
-    agents: Agents, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
+    agents: Devices, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
 ) -> None:
     store = VersionStore(redis_client)
     spec = tiny_spec()
@@ -246,71 +220,136 @@ async def test_personal_adapter_and_key_persist_across_agent_restarts(
     assert list(path.parent.glob("personal.safetensors.spec-*"))
 
 
-async def test_key_file_and_registry_stay_consistent(
-    pfi_settings: PFISettings, redis_client: Redis, tmp_path: Path
+async def test_enrollment_stores_a_private_credential_and_the_key_proof_refreshes_the_token(
+    agents: Devices, redis_client: Redis, tmp_path: Path
 ) -> None:
-    from schemas.errors import ConfigError
-    from services.federation.admin import register_client
+    fed = fed_name()
+    state_dir = tmp_path / "creds"
+    identity = await agents.identity(fed, "kim", state_dir)
+    path = credential_path(state_dir, fed, "kim")
+    assert path.stat().st_mode & 0o777 == 0o600
+    stored = load_credential(path)
+    assert stored == identity.credential
+    record = await ClientRegistry(redis_client).get(fed, "kim")
+    assert record is not None
+    assert record.key == identity.key
+    assert record.active
 
-    user = f"u-{uuid.uuid4().hex[:6]}"
-    key = await ensure_client_key(user, settings=pfi_settings, state_dir=tmp_path, redis=redis_client)
-    assert (tmp_path / user / "client.key").stat().st_mode & 0o777 == 0o600
-    await redis_client.hdel("pfi:clients:keys", user)  # the registry lost it: registered again
-    assert await ensure_client_key(user, settings=pfi_settings, state_dir=tmp_path, redis=redis_client) == key
-    assert await redis_client.hget("pfi:clients:keys", user) == key.hex().encode()
-    await register_client(redis_client, user)  # someone else took the id
-    with pytest.raises(ConfigError, match="registered with another key"):
-        await ensure_client_key(user, settings=pfi_settings, state_dir=tmp_path, redis=redis_client)
-    master = pfi_settings.model_copy(update={"signing_master_key": "ab" * 32})
-    derived = await ensure_client_key("fleet-1", settings=master)
-    assert derived == await ensure_client_key("fleet-1", settings=master)
-    with pytest.raises(ConfigError, match="no signing key"):
-        await ensure_client_key("nobody", settings=pfi_settings)
+    old = identity.credential.token
+    new = await identity.refresh()
+    assert new != old
+    assert load_credential(path).token == new  # saved for the next start
+    assert agents.h.service.authenticator.authenticate(f"Bearer {new}").device
+
+    # A token about to expire is refreshed before use.
+    soon = identity.credential.with_token(new, expires_at=time.time() + 5)
+    identity.credential = soon
+    assert await identity.token() != new
+
+    # The next start loads it (no enrollment token needed); a mismatched or exposed file is refused.
+    again = await agents.identity(fed, "kim", state_dir)
+    assert again.key == identity.key
+    settings = EdgeSettings(service_url=BASE_URL, state_dir=state_dir)
+    with pytest.raises(ConfigError, match="no credential"):
+        await DeviceIdentity.obtain(settings, fed, "nobody", client=agents.h.client)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        await DeviceIdentity.obtain(settings, fed, "kim", client=agents.h.client)
+
+    # An enrollment token works its number of uses only; a revoked client cannot refresh its token.
+    issued = await Enrollment(redis_client).issue(fed, uses=1, ttl_s=60)
+    once = settings.model_copy(update={"enrollment_token": issued.token})
+    first = await DeviceIdentity.obtain(once, fed, "lee", client=agents.h.client)
+    with pytest.raises(EnrollmentError) as used_up:
+        await DeviceIdentity.obtain(once, fed, "max", client=agents.h.client)
+    assert used_up.value.status == 401
+    await ClientRegistry(redis_client).revoke(fed, "lee")
+    with pytest.raises(EnrollmentError):
+        await first.refresh()
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
 
 
-async def test_cli_edge_run_trains_publishes_and_keeps_state(
-    pfi_settings: PFISettings, redis_client: Redis, redis_url: str, tmp_path: Path
+async def test_cli_edge_run_needs_only_the_service_and_an_enrollment_token(
+    pfi_settings: PFISettings, redis_client: Redis, tmp_path: Path
 ) -> None:
     spec = await new_federation_tiny(redis_client)
     data = tmp_path / "users.jsonl"
     lines = [{"user_id": "hal", "text": synthetic_user("hal").train_text}, {"user_id": "ivy", "text": "hi"}]
     data.write_text("\n".join(json.dumps(line) for line in lines), encoding="utf-8")
-    env = {
-        "PFI_TOPIC_PREFIX": pfi_settings.topic_prefix,
-        "PFI_REDIS_URL": redis_url,
-        "PFI_KAFKA_BOOTSTRAP_SERVERS": pfi_settings.kafka_bootstrap(),
-    }
+    issued = await Enrollment(redis_client).issue(spec.name, uses=1, ttl_s=300)
     state = tmp_path / "state"
-    common = ["--federation", spec.name, "--data", str(data), "--state-dir", str(state), "--no-progress"]
-    training = ["--rounds", "2", "--steps", "2", "--seq-len", "32", "--int8", "--dp-noise", "0.01", "--json"]
-    out = await asyncio.to_thread(run_cli, ["edge", "run", "--user", "hal", *common, *training], env)
-    assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)
-    assert summary["published"] == 2
-    assert summary["queued"] == 0
-    assert [r["encoding"]["quantization"] for r in summary["rounds"]] == ["int8", "int8"]
-    dp = {"mechanism": "gaussian", "clip_norm": 10.0, "noise_multiplier": 0.01}
-    assert summary["rounds"][0]["dp"] == dp
-    assert "round 2/2" in out.stderr
-    assert (state / "hal" / "personal.safetensors").is_file()
-    assert (state / "hal" / "client.key").is_file()
-    assert await redis_client.hexists("pfi:clients:keys", "hal")
+    async with serve_process(pfi_settings, tmp_path / "serve-home") as url:
+        # The device: no Redis (a closed port), no Kafka, no server credentials; its own PFI_HOME.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
+        env.update(
+            PFI_HOME=str(tmp_path / "device-home"),
+            PFI_REDIS_URL="redis://127.0.0.1:1/0",
+            PFI_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1",
+            PFI_EDGE_SERVICE_URL=url,
+            PFI_EDGE_ENROLLMENT_TOKEN=issued.token,
+        )
+        common = ["--federation", spec.name, "--data", str(data), "--state-dir", str(state), "--no-progress"]
+        training = [
+            "--rounds",
+            "2",
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--int8",
+            "--dp-noise",
+            "0.01",
+            "--json",
+        ]
+        out = await asyncio.to_thread(run_cli, ["edge", "run", "--user", "hal", *common, *training], env)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["published"] == 2
+        assert summary["queued"] == 0
+        assert [r["encoding"]["quantization"] for r in summary["rounds"]] == ["int8", "int8"]
+        dp = {"mechanism": "gaussian", "clip_norm": 10.0, "noise_multiplier": 0.01}
+        assert summary["rounds"][0]["dp"] == dp
+        assert "round 2/2" in out.stderr
+        assert (state / "hal" / "personal.safetensors").is_file()
+        credential = load_credential(credential_path(state, spec.name, "hal"))
+        record = await ClientRegistry(redis_client).get(spec.name, "hal")
+        assert record is not None
+        assert record.key == credential.signing_key
 
-    unknown = await asyncio.to_thread(run_cli, ["edge", "run", "--user", "zed", *common], env)
-    assert unknown.returncode == 1
-    assert unknown.stderr.strip().splitlines()[-1].startswith("pfi edge: error: user 'zed' is not in")
+        # The enrollment token is used up; the stored credential is enough for the next run.
+        del env["PFI_EDGE_ENROLLMENT_TOKEN"]
+        again = await asyncio.to_thread(
+            run_cli, ["edge", "run", "--user", "hal", *common, "--steps", "1", "--seq-len", "32"], env
+        )
+        assert again.returncode == 0, again.stderr
+
+        flushed = await asyncio.to_thread(
+            run_cli, ["edge", "flush", "--user", "hal", "--state-dir", str(state), "--timeout", "5"], env
+        )
+        assert flushed.returncode == 0, flushed.stderr
+        assert "sent 0 update(s); 0 still queued" in flushed.stdout
+
+        unknown = await asyncio.to_thread(run_cli, ["edge", "run", "--user", "zed", *common], env)
+        assert unknown.returncode == 1
+        assert unknown.stderr.strip().splitlines()[-1].startswith("pfi edge: error: user 'zed' is not in")
+
+    # What reached the updates topic came through the ingest, signed with the device's key.
+    sent = await read_updates(pfi_settings, 3)
+    assert len(sent) == 3
+    for update in sent:
+        assert update.client_id == "hal"
+        assert update.signature
 
 
 async def new_federation_tiny(redis: Redis) -> FederationSpec:

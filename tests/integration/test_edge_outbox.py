@@ -1,7 +1,9 @@
 """The edge outbox: no update lost or aggregated twice across a broker outage or an agent restart.
 
+Agents upload through the personalization app's ingest route (in-process), which produces to Kafka.
 The broker-restart test runs a SECOND local stack (own PFI_HOME under tmp_path, free ports, the jar
-cache shared with the main stack) so the shared stack other tests use is never stopped.
+cache shared with the main stack) so the shared stack other tests use is never stopped: while its
+broker is down the ingest answers 503 and the updates wait in the device's outbox.
 """
 
 from __future__ import annotations
@@ -18,19 +20,25 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from clients.agent import AgentOptions, EdgeAgent, KafkaSender, OutboxPublisher, ensure_client_key
+from clients.agent import AgentOptions, EdgeAgent, RoundResult
 from clients.data import UserData
-from clients.outbox import MAGIC, Outbox, OutboxFull
-from clients.source import RedisGlobalSource
+from clients.enrollment import DeviceIdentity
+from clients.http_source import HttpGlobalSource
+from clients.outbox import MAGIC, Outbox, OutboxFull, OutboxPublisher
+from clients.settings import EdgeSettings
 from clients.training import AdapterTrainer, TrainConfig
+from clients.uploader import HttpUpdateSender
+from modeling.base import TINY_LLAMA, load_base_model
 from schemas.frame import decode_frame
 from services.demo.processes import free_ports
 from services.federation.admin import federation_status
-from modeling.base import TINY_LLAMA, load_base_model
-from services.settings import EdgeSettings, PFISettings
+from services.personalization.harness import BASE_URL, Harness, serving
+from services.settings import PFISettings, ServeSettings
 from services.stack import manager
 from services.stack.topics import consumer_limits
 from services.store.versions import VersionStore
+from services.transport import kafka_kwargs
+from tests.support.edge import Devices
 from tests.support.federations import new_federation, running_aggregator, tiny_spec, wait_for
 
 pytestmark = [
@@ -55,27 +63,31 @@ def trainer() -> AdapterTrainer:
     return AdapterTrainer(load_base_model(TINY_LLAMA), tiny_spec())
 
 
+async def device(
+    h: Harness, trainer: AdapterTrainer, federation: str, user: str, state_dir: Path
+) -> DeviceIdentity:
+    """An enrolled device of ``federation`` (its credential under ``state_dir``)."""
+    return await Devices(h, trainer, state_dir).identity(federation, user, state_dir)
+
+
 def make_agent(
-    federation: str,
-    user: str,
-    key: bytes,
-    redis: Redis,
+    h: Harness,
+    identity: DeviceIdentity,
     trainer: AdapterTrainer,
-    settings: PFISettings,
     state_dir: Path,
     sender: Any,
     outbox: Outbox | None = None,
     publisher: OutboxPublisher | None = None,
 ) -> EdgeAgent:
+    user = identity.client_id
     return EdgeAgent(
-        federation,
+        identity.federation,
         user,
-        key,
-        RedisGlobalSource(redis),
+        identity.key,
+        HttpGlobalSource(BASE_URL, identity.token, client=h.client),
         trainer,
         outbox if outbox is not None else Outbox(state_dir / user / "outbox"),
         sender,
-        settings,
         state_dir,
         AgentOptions(),
         edge_settings=FAST_RETRY,
@@ -83,11 +95,21 @@ def make_agent(
     )
 
 
+def online_sender(h: Harness, identity: DeviceIdentity) -> HttpUpdateSender:
+    return HttpUpdateSender(BASE_URL, identity.token, refresh=identity.refresh, client=h.client)
+
+
+def offline_sender(identity: DeviceIdentity) -> HttpUpdateSender:
+    """A sender whose service does not answer (a closed port): every send fails, retryably."""
+    (port,) = free_ports(1)
+    return HttpUpdateSender(f"http://127.0.0.1:{port}", identity.token, timeout_s=2.0)
+
+
 async def updates_on_topic(settings: PFISettings, expect: int, timeout_s: float = 30.0) -> Counter[str]:
     """How often each update id is on the updates topic (whole frames; these updates are small)."""
     consumer = AIOKafkaConsumer(
         settings.updates_topic,
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         **consumer_limits(settings),
@@ -154,29 +176,40 @@ async def kill_broker(settings: PFISettings) -> None:
 
 
 async def test_outbox_survives_a_broker_restart_during_publishing(
-    second_stack: PFISettings, trainer: AdapterTrainer, tmp_path: Path
+    second_stack: PFISettings, trainer: AdapterTrainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = second_stack
     redis = Redis.from_url(settings.redis())
-    sender = KafkaSender(settings, request_timeout_ms=5000)
+    monkeypatch.setenv("PFI_INGEST_PRODUCE_TIMEOUT_S", "1.5")
+    h_context = serving(settings, ServeSettings())
+    h = await h_context.__aenter__()
     try:
         store = VersionStore(redis)
         spec = await new_federation(store, buffer_size=3, flush_timeout_s=1.0)
         users = ["amy", "ben"]
         state_dir = tmp_path / "edge"
         outbox = Outbox(state_dir / "outbox")
-        publisher = OutboxPublisher(outbox, sender, send_timeout_s=2.0, retry_initial_s=0.2, retry_max_s=1.0)
-        agents = {}
-        for user in users:
-            key = await ensure_client_key(user, settings=settings, state_dir=state_dir, redis=redis)
-            # Two agents, one outbox: one shared publisher serializes the drains.
-            agents[user] = make_agent(
-                spec.name, user, key, redis, trainer, settings, state_dir, sender, outbox, publisher
-            )
+        identities = {user: await device(h, trainer, spec.name, user, state_dir) for user in users}
+        # Two agents, one outbox: one shared publisher serializes the drains (one sender per device
+        # would be the real thing; the ingest only checks that each message is its token's client's).
+        senders = {user: online_sender(h, identities[user]) for user in users}
+
+        class PerClient:
+            async def send_raw(self, federation: str, messages: list[bytes]) -> int:
+                head = decode_frame(messages[0], max_frame_bytes=1 << 24).data
+                return await senders[head.client_id].send_raw(federation, messages)
+
+        publisher = OutboxPublisher(
+            outbox, PerClient(), send_timeout_s=4.0, retry_initial_s=0.2, retry_max_s=1.0
+        )
+        agents = {
+            user: make_agent(h, identities[user], trainer, state_dir, PerClient(), outbox, publisher)
+            for user in users
+        }
 
         published_before_outage = asyncio.Event()
         broker_back = asyncio.Event()
-        results = []
+        results: list[RoundResult] = []
 
         async def publish_loop() -> None:
             # Rounds go on through the outage and until a few rounds after the broker is back.
@@ -230,26 +263,27 @@ async def test_outbox_survives_a_broker_restart_during_publishing(
         rejected = status["updates_rejected_total"]
         assert rejected["total"] == rejected.get("duplicate", 0), rejected
     finally:
-        await sender.close()
+        await h_context.__aexit__(None, None, None)
         await redis.aclose()
 
 
 # ------------------------------------------------------------------------------ agent restart
 
 
-def dead_broker_settings(settings: PFISettings) -> PFISettings:
-    (port,) = free_ports(1)
-    return settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{port}"})
+@pytest.fixture
+async def h(pfi_settings: PFISettings) -> AsyncIterator[Harness]:
+    async with serving(pfi_settings, ServeSettings()) as harness:
+        yield harness
 
 
 async def test_agent_restart_with_a_non_empty_outbox_sends_the_leftovers_once(
-    pfi_settings: PFISettings, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
+    pfi_settings: PFISettings, redis_client: Redis, h: Harness, trainer: AdapterTrainer, tmp_path: Path
 ) -> None:
     spec = await new_federation(VersionStore(redis_client))
     state_dir = tmp_path / "edge"
-    key = await ensure_client_key("fay", settings=pfi_settings, state_dir=state_dir, redis=redis_client)
-    offline = KafkaSender(dead_broker_settings(pfi_settings), request_timeout_ms=2000)
-    agent = make_agent(spec.name, "fay", key, redis_client, trainer, pfi_settings, state_dir, offline)
+    identity = await device(h, trainer, spec.name, "fay", state_dir)
+    offline = offline_sender(identity)
+    agent = make_agent(h, identity, trainer, state_dir, offline)
     try:
         queued = [await agent.run_round(user_data("fay"), CFG) for _ in range(3)]
     finally:
@@ -258,31 +292,28 @@ async def test_agent_restart_with_a_non_empty_outbox_sends_the_leftovers_once(
     assert queued[-1].queued == 3
     assert queued[0].send_error is not None
 
-    # "Restart": new sender, new Outbox instance on the same directory.
-    online = KafkaSender(pfi_settings)
-    try:
-        restarted = make_agent(spec.name, "fay", key, redis_client, trainer, pfi_settings, state_dir, online)
-        assert len(restarted.outbox) == 3
-        fresh = await restarted.run_round(user_data("fay"), CFG)  # drains the leftovers first, in order
-        assert fresh.published
-        assert fresh.queued == 0
-        again = await restarted.flush(5)
-        assert (again.sent, again.remaining) == (0, 0)
-    finally:
-        await online.close()
+    # "Restart": new identity from the stored credential, new sender, new Outbox on the same directory.
+    identity = await device(h, trainer, spec.name, "fay", state_dir)
+    restarted = make_agent(h, identity, trainer, state_dir, online_sender(h, identity))
+    assert len(restarted.outbox) == 3
+    fresh = await restarted.run_round(user_data("fay"), CFG)  # drains the leftovers first, in order
+    assert fresh.published
+    assert fresh.queued == 0
+    again = await restarted.flush(5)
+    assert (again.sent, again.remaining) == (0, 0)
     on_topic = await updates_on_topic(pfi_settings, 4)
     assert on_topic == Counter({r.update_id: 1 for r in [*queued, fresh]})
 
 
 async def test_a_bounded_outbox_raises_outbox_full(
-    pfi_settings: PFISettings, redis_client: Redis, trainer: AdapterTrainer, tmp_path: Path
+    redis_client: Redis, h: Harness, trainer: AdapterTrainer, tmp_path: Path
 ) -> None:
     spec = await new_federation(VersionStore(redis_client))
     state_dir = tmp_path / "edge"
-    key = await ensure_client_key("gus", settings=pfi_settings, state_dir=state_dir, redis=redis_client)
-    offline = KafkaSender(dead_broker_settings(pfi_settings), request_timeout_ms=2000)
+    identity = await device(h, trainer, spec.name, "gus", state_dir)
+    offline = offline_sender(identity)
     outbox = Outbox(state_dir / "gus" / "outbox", max_items=2)
-    agent = make_agent(spec.name, "gus", key, redis_client, trainer, pfi_settings, state_dir, offline, outbox)
+    agent = make_agent(h, identity, trainer, state_dir, offline, outbox)
     try:
         for _ in range(2):
             assert not (await agent.run_round(user_data("gus"), CFG)).published

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from clients.fleet import SimulationConfig, parse_speed_dist, simulate
 from clients.training import TrainConfig
 from schemas.errors import ConfigError
 from services.federation.admin import federation_status
 from services.settings import PFISettings
 from services.store.versions import VersionStore
+from sim.fleet import SimulationConfig, parse_speed_dist, simulate
 from tests.support.federations import new_federation, running_aggregator, wait_for
 
 pytestmark = [
@@ -137,7 +137,7 @@ def _cli(args: list[str], settings: PFISettings, redis_url: str) -> subprocess.C
         "PFI_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap(),
     }
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -25,6 +25,7 @@ import torch
 from redis.asyncio import Redis
 
 from clients.http_source import HttpGlobalSource, upload_personal_adapter
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import encode_tensors
 from schemas.events import FederationSpec, TensorEncoding
 from services.personalization.harness import BASE_URL, Harness, serving
@@ -32,7 +33,7 @@ from services.personalization.user_adapters import events_key, user_key
 from services.settings import PFISettings, ServeSettings
 from services.store import keys
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
+from services.transport import kafka_env
 from tests.support.federations import global_state, new_federation, random_delta, shapes_of
 
 pytestmark = pytest.mark.integration
@@ -57,8 +58,8 @@ async def shapes(redis_client: Redis, fed: FederationSpec) -> dict[str, tuple[in
 
 
 @pytest.fixture
-async def h(settings: PFISettings) -> AsyncIterator[Harness]:
-    async with serving(settings, ServeSettings(max_new_tokens=64)) as harness:
+async def h(settings: PFISettings, fed: FederationSpec) -> AsyncIterator[Harness]:
+    async with serving(settings, ServeSettings(max_new_tokens=64), federation=fed.name) as harness:
         yield harness
 
 
@@ -188,8 +189,8 @@ async def test_the_401_403_isolation_matrix(
         ("POST", f"/v1/federations/{name}/generate", {"json": {"prompt": "x", "user_id": "bob"}}),
         ("POST", f"/v1/federations/{name}/score", {"json": {"texts": ["xy"], "user_id": "bob"}}),
     ]
-    other = h.service.signer.issue("bob", ttl_s=60).rsplit(".", 1)[0] + ".AAAA"
-    expired = h.service.signer.issue("bob", ttl_s=1, now=time.time() - 3600)
+    other = h.token("bob", ttl_s=60).rsplit(".", 1)[0] + ".AAAA"
+    expired = h.service.signer.issue("bob", federation=name, ttl_s=1, now=time.time() - 3600)
     for method, path, kw in routes:
         for headers in ({}, {"Authorization": f"Bearer {other}"}, {"Authorization": f"Bearer {expired}"},
                         {"Authorization": "Basic Ym9iOmJvYg=="}):  # fmt: skip
@@ -219,10 +220,15 @@ async def test_the_401_403_isolation_matrix(
     assert (await c.get(adapter, headers=scoped)).status_code == 403
     assert (await c.get(f"/v1/federations/{name}", headers=scoped)).status_code == 403
 
-    # Admin: any user, and the admin route.
+    # Admin: any user of its federation, and the admin route (which lists only that federation).
     admin = h.auth("ops", admin=True)
-    assert (await c.get("/v1/federations", headers=admin)).status_code == 200
+    listed = await c.get("/v1/federations", headers=admin)
+    assert listed.status_code == 200
+    assert [f["name"] for f in listed.json()["federations"]] == [name]
     assert (await c.get(adapter, headers=admin)).json()["version"] == 1
+    other_admin = h.auth("ops", admin=True, federation="other-fed")
+    assert (await c.get(adapter, headers=other_admin)).status_code == 403
+    assert (await c.get("/v1/federations", headers=other_admin)).json()["federations"] == []
     as_admin = await c.post(
         f"/v1/federations/{name}/score", json={"texts": [TEXT], "user_id": "bob"}, headers=admin
     )
@@ -274,7 +280,7 @@ async def test_bad_inputs_are_4xx_and_the_service_stays_up(
     serve = ServeSettings(
         max_upload_bytes=64 * 1024, max_prompt_chars=500, max_new_tokens=32, max_score_texts=4
     )
-    async with serving(settings, serve) as h:
+    async with serving(settings, serve, federation=fed.name) as h:
         name = fed.name
         c = h.client
         alice = h.auth("alice")
@@ -312,6 +318,7 @@ async def test_bad_inputs_are_4xx_and_the_service_stays_up(
         await put_raw(b"\0" * (65 * 1024), 413, "payload_too_large")
 
         gen = f"/v1/federations/{name}/generate"
+        ghost = h.auth("alice", federation="no-such-fed")  # a token of that (unknown) federation
         checks: list[tuple[str, str, dict[str, Any], int]] = [
             ("POST", gen, {"json": {"prompt": "x" * 501}}, 413),
             ("POST", gen, {"json": {"prompt": "hi", "max_new_tokens": 33}}, 422),
@@ -326,9 +333,14 @@ async def test_bad_inputs_are_4xx_and_the_service_stays_up(
             ("POST", f"/v1/federations/{name}/score", {"json": {"texts": ["ab"] * 5}}, 413),
             ("POST", f"/v1/federations/{name}/score", {"json": {"texts": ["x" * 501]}}, 413),
             ("POST", f"/v1/federations/{name}/score", {"json": {"texts": [""]}}, 422),
-            ("POST", "/v1/federations/no-such-fed/generate", {"json": {"prompt": "hi"}}, 404),
-            ("POST", "/v1/federations/no-such-fed/score", {"json": {"texts": ["hi"]}}, 404),
-            ("GET", "/v1/federations/no-such-fed", {}, 404),
+            (
+                "POST",
+                "/v1/federations/no-such-fed/generate",
+                {"json": {"prompt": "hi"}, "headers": ghost},
+                404,
+            ),
+            ("POST", "/v1/federations/no-such-fed/score", {"json": {"texts": ["hi"]}, "headers": ghost}, 404),
+            ("GET", "/v1/federations/no-such-fed", {"headers": ghost}, 404),
             ("GET", "/v1/federations/Bad_Name!", {}, 422),
             ("GET", f"/v1/federations/{name}/versions/7/adapter", {}, 404),
             ("GET", f"/v1/federations/{name}/versions/seven/adapter", {}, 400),
@@ -365,7 +377,7 @@ async def test_cache_evicts_under_a_tiny_byte_budget(
 ) -> None:
     per_adapter = sum(4 * math.prod(s) for s in shapes.values())
     budget = int(2.5 * per_adapter)
-    async with serving(settings, ServeSettings(cache_bytes=budget)) as h:
+    async with serving(settings, ServeSettings(cache_bytes=budget), federation=fed.name) as h:
         name = fed.name
         users = [f"c{i}" for i in range(4)]
         for i, user in enumerate(users):
@@ -410,7 +422,12 @@ async def test_edge_agents_download_the_global_adapter_over_http(
     assert await source.latest(fed.name) is adapter
     pinned = await h.client.get(f"/v1/federations/{fed.name}/versions/0/adapter", headers=h.auth("edge-1"))
     assert pinned.status_code == 200
-    assert "immutable" in pinned.headers["Cache-Control"]
+    assert pinned.headers["Cache-Control"] == "no-cache"  # a number alone may be re-made (failover)
+    digest = pinned.headers["ETag"].strip('"')
+    by_digest = await h.client.get(
+        f"/v1/federations/{fed.name}/versions/0/adapter", params={"digest": digest}, headers=h.auth("edge-1")
+    )
+    assert "immutable" in by_digest.headers["Cache-Control"]  # the URL names the content
     assert pinned.content == (await VersionStore(redis_client).get_blob(fed.name, 0))
 
     info = await source.upload_personal(fed.name, "edge-1", personal_state(shapes, 9), trained_against=0)
@@ -464,14 +481,15 @@ async def test_pfi_serve_as_a_subprocess(settings: PFISettings, fed: FederationS
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
     env.update(
         PFI_REDIS_URL=settings.redis(),
-        PFI_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap(),
+        **kafka_env(settings),  # the stack's credentials file, although PFI_HOME differs
         PFI_HOME=str(tmp_path / "home"),
         PFI_SERVE_TOKEN_SECRET=secret,
         PFI_SERVE_FEDERATIONS=fed.name,
     )
     issued = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "services.cli", "token", "issue", "--user", "alice", "--ttl", "1h"],
+        [sys.executable, "-m", "services.cli", "token", "issue", "alice", "--federation", fed.name,
+         "--ttl", "1h"],
         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=True,
     )  # fmt: skip
     token = issued.stdout.strip()

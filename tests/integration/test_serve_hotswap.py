@@ -13,10 +13,10 @@ import torch
 from redis.asyncio import Redis
 
 from clients.http_source import upload_personal_adapter
-from clients.updates import UpdateProducer
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.federation.admin import commit_state, rollback_federation
+from services.ingest.producer import UpdateProducer
 from services.personalization.harness import Harness, serving
 from services.personalization.user_adapters import user_key
 from services.settings import PFISettings, ServeSettings
@@ -105,6 +105,7 @@ async def test_a_new_global_version_from_the_aggregator_is_served_within_2s(
 ) -> None:
     store = VersionStore(redis_client)
     spec = await new_federation(store, buffer_size=1)
+    h.federation = spec.name
     assert (await score(h, spec.name))["global_version"] == 0
     client = await new_client(redis_client, spec)
     shapes = shapes_of(await global_state(store, spec.name))
@@ -140,6 +141,7 @@ async def test_in_flight_requests_finish_on_the_old_version(h: Harness, redis_cl
     store = VersionStore(redis_client)
     spec = await new_federation(store)
     name = spec.name
+    h.federation = name
     assert (await score(h, name))["global_version"] == 0
     runtime = h.service.engine.runtimes[name]
     copies: list[int] = []
@@ -184,6 +186,7 @@ async def test_pinned_versions_rollback_and_the_copy_bound(h: Harness, redis_cli
     store = VersionStore(redis_client)
     spec = await new_federation(store, keep_versions=2)
     name = spec.name
+    h.federation = name
     v0 = (await score(h, name))["results"][0]["mean_nll"]
     runtime = h.service.engine.runtimes[name]
     for seed in (3, 4, 5):
@@ -227,7 +230,7 @@ async def test_uploads_and_deletes_invalidate_every_replica(
     name = spec.name
     shapes = shapes_of(await global_state(store, name))
     key = user_key(name, "alice")
-    async with serving(settings) as a, serving(settings) as b:
+    async with serving(settings, federation=name) as a, serving(settings, federation=name) as b:
         base = (await score(b, name))["results"][0]["mean_nll"]
         for seed in (1, 2):
             info = await upload_personal_adapter(

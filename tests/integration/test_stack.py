@@ -33,6 +33,7 @@ from services.stack.topics import (
     kafka_client_limits,
     producer_limits,
 )
+from services.transport import kafka_kwargs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -50,7 +51,7 @@ def run_in_thread(coro: Coroutine[Any, Any, T]) -> T:
 async def _consume(settings: PFISettings, topic: str, count: int, timeout_s: float = 30.0) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         group_id=f"test-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -112,9 +113,8 @@ def test_client_limits_are_consistent() -> None:
     assert limits["max_request_size"] == settings.kafka_max_message_bytes
     assert limits["max_partition_fetch_bytes"] >= broker_message_max_bytes(settings)
     assert limits["fetch_max_bytes"] >= limits["max_partition_fetch_bytes"]
-    props = dict(
-        line.split("=", 1) for line in broker.server_properties(settings).splitlines() if "=" in line
-    )
+    config = broker.server_properties(settings, {"admin": "secret"})
+    props = dict(line.split("=", 1) for line in config.splitlines() if "=" in line)
     assert int(props["message.max.bytes"]) > settings.kafka_max_message_bytes
     assert props["replica.fetch.max.bytes"] == props["message.max.bytes"]
     assert props["auto.create.topics.enable"] == "false"
@@ -138,7 +138,7 @@ def test_missing_mvn_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
 async def test_producer_consumer_round_trip(pfi_settings: PFISettings) -> None:
     topic = pfi_settings.updates_topic
     producer = AIOKafkaProducer(
-        bootstrap_servers=pfi_settings.kafka_bootstrap(),
+        **kafka_kwargs(pfi_settings, "admin"),
         acks="all",
         enable_idempotence=True,
         compression_type="gzip",  # zstd/lz4/snappy need cramjam (aiokafka extras)
@@ -163,9 +163,7 @@ async def test_producer_consumer_round_trip(pfi_settings: PFISettings) -> None:
 async def test_one_and_a_half_mib_message_passes_and_oversize_is_refused(pfi_settings: PFISettings) -> None:
     topic = pfi_settings.versions_topic
     payload = os.urandom(3 * MIB // 2)  # incompressible
-    producer = AIOKafkaProducer(
-        bootstrap_servers=pfi_settings.kafka_bootstrap(), **producer_limits(pfi_settings)
-    )
+    producer = AIOKafkaProducer(**kafka_kwargs(pfi_settings, "admin"), **producer_limits(pfi_settings))
     await producer.start()
     try:
         meta = await producer.send_and_wait(topic, payload, key=b"big")
@@ -176,7 +174,7 @@ async def test_one_and_a_half_mib_message_passes_and_oversize_is_refused(pfi_set
         await producer.stop()
     # A producer that allows more than the topic does is refused by the broker (the topic limit holds).
     loose = AIOKafkaProducer(
-        bootstrap_servers=pfi_settings.kafka_bootstrap(), max_request_size=8 * MIB, request_timeout_ms=10_000
+        **kafka_kwargs(pfi_settings, "admin"), max_request_size=8 * MIB, request_timeout_ms=10_000
     )
     await loose.start()
     try:
@@ -210,14 +208,14 @@ async def test_topics_have_expected_partitions_and_limits(pfi_settings: PFISetti
 
 async def test_auto_topic_creation_is_off(pfi_settings: PFISettings) -> None:
     unknown = f"{pfi_settings.topic_prefix}.does-not-exist"
-    producer = AIOKafkaProducer(bootstrap_servers=pfi_settings.kafka_bootstrap(), request_timeout_ms=2000)
+    producer = AIOKafkaProducer(**kafka_kwargs(pfi_settings, "admin"), request_timeout_ms=2000)
     await producer.start()
     try:
         with pytest.raises((UnknownTopicOrPartitionError, KafkaTimeoutError)):
             await producer.send_and_wait(unknown, b"x")
     finally:
         await producer.stop()
-    admin = AIOKafkaAdminClient(bootstrap_servers=pfi_settings.kafka_bootstrap())
+    admin = AIOKafkaAdminClient(**kafka_kwargs(pfi_settings, "admin"))
     await admin.start()
     try:
         topics = await admin.list_topics()
@@ -319,6 +317,7 @@ async def test_external_services_are_only_checked(stack: manager.StackStatus, tm
         home=tmp_path / "ext",
         kafka_bootstrap_servers=stack.kafka.address,
         redis_url=stack.redis.address,
+        kafka_credentials_file=PFISettings().kafka_credentials_path,  # the stack's principals
         topic_prefix=f"t-{uuid.uuid4().hex[:8]}",
         update_partitions=1,
     )
@@ -336,7 +335,10 @@ async def test_external_services_are_only_checked(stack: manager.StackStatus, tm
 async def test_unreachable_external_kafka_fails_with_clear_error(tmp_path: Path) -> None:
     (port,) = free_ports(1)
     settings = PFISettings(
-        home=tmp_path / "ext", kafka_bootstrap_servers=f"127.0.0.1:{port}", redis_url=PFISettings().redis()
+        home=tmp_path / "ext",
+        kafka_bootstrap_servers=f"127.0.0.1:{port}",
+        redis_url=PFISettings().redis(),
+        kafka_credentials_file=PFISettings().kafka_credentials_path,
     )
     with pytest.raises(StackError, match=f"kafka not healthy after 2s .*external kafka at 127.0.0.1:{port}"):
         await manager.up_async(settings, echo=lambda _line: None, timeout_s=2)

@@ -25,9 +25,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from clients.updates import UpdateProducer
 from schemas.events import TrainingMetrics
 from services.health import HealthServer
+from services.ingest.producer import UpdateProducer
 from services.settings import PFISettings
 from services.stack.topics import delete_topics, ensure_topics
 from services.store import keys
@@ -135,7 +135,7 @@ class LiveServices:
         from clients.http_source import upload_personal_adapter
 
         name, shapes = fleet.name, fleet.shapes
-        async with serving(self.settings) as h:
+        async with serving(self.settings, federation=name) as h:
             health = HealthServer(h.service.registry, h.service.ready, "127.0.0.1", 0)
             await health.start()
             try:
@@ -261,7 +261,7 @@ class _Fleet:
                 base_version=0,
                 metrics=TrainingMetrics(loss_before=3.2, loss_after=2.0 + 0.25 * i, steps=4),
             )
-            await self.producer.send(envelope)
+            await self.producer.send(envelope, key=self.client.key)
         await wait_version(self.store, self.name, version, within=60)
 
     async def forged(self) -> None:

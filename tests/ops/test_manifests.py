@@ -275,7 +275,7 @@ def test_network_policies_default_deny_and_cover_every_pod(overlay: tuple[str, l
         allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
         assert port in allowed, f"{name}: {wl_name} does not admit Prometheus on {port}"
         egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
-        assert {9092, 6379} <= egress_ports, f"{name}: {wl_name} cannot reach Kafka and Redis"
+        assert {9093, 6379} <= egress_ports, f"{name}: {wl_name} cannot reach Kafka (TLS) and Redis"
 
 
 def test_pod_monitors_scrape_both_services(overlay: tuple[str, list[dict[str, Any]]]) -> None:

@@ -13,15 +13,18 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from bench.chaos.ledger import ChaosClient
-from clients.updates import UpdateProducer, update_messages
+from clients.updates import update_messages
+from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors
 from schemas.events import AggregationSpec, Envelope, FederationSpec, LoraSpec, canonical_json
 from schemas.frame import MAGIC, decode_frame
 from services.aggregator.service import Aggregator
-from services.federation.admin import create_federation, register_client
+from services.federation.admin import create_federation
+from services.identity import ClientRegistry
+from services.ingest.producer import UpdateProducer
 from services.settings import AggregatorSettings, PFISettings
 from services.store.versions import VersionStore
-from modeling.blobs import BLOB_ENCODING
+from services.transport import kafka_kwargs
 
 TINY = "pfi/tiny-llama"
 
@@ -32,6 +35,9 @@ def fed_name() -> str:
 
 def tiny_spec(name: str | None = None, **aggregation: Any) -> FederationSpec:
     agg = {"buffer_size": 3, "flush_timeout_s": 60.0, **aggregation}
+    # Test rigs drive many updates from one or few clients: unless a test asks for the product default
+    # (one update per client per buffer; tests/fuzz/test_fuzz_poisoning.py), a client may fill a buffer.
+    agg.setdefault("max_client_updates", agg["buffer_size"])
     return FederationSpec(
         name=name or fed_name(),
         base_model=TINY,
@@ -66,13 +72,13 @@ Client = ChaosClient  # a registered key that builds signed updates
 
 async def new_client(redis: Redis, spec: FederationSpec, client_id: str | None = None) -> Client:
     cid = client_id or f"c-{uuid.uuid4().hex[:8]}"
-    return Client(spec, cid, await register_client(redis, cid))
+    return Client(spec, cid, await ClientRegistry(redis).register(spec.name, cid))
 
 
 @contextlib.asynccontextmanager
 async def running_aggregator(settings: PFISettings, **overrides: Any) -> AsyncIterator[Aggregator]:
     defaults: dict[str, Any] = {
-        "group_id": f"g-{settings.topic_prefix}",
+        "group_id": f"pfi-aggregator-{settings.topic_prefix}",
         "port": 0,
         "progress_interval_s": 0.5,
     }
@@ -113,7 +119,7 @@ async def read_events(
 
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         **consumer_limits(settings),
@@ -159,9 +165,12 @@ async def produce(producer: UpdateProducer, messages: list[bytes], key: bytes | 
     return out
 
 
-def chunked(envelope: Envelope[Any], settings: PFISettings, chunk_bytes: int) -> list[bytes]:
-    """The messages of ``envelope`` split with ``chunk_bytes`` (whole frame if it fits)."""
-    return update_messages(envelope, settings.model_copy(update={"chunk_bytes": chunk_bytes}))
+def chunked(
+    envelope: Envelope[Any], settings: PFISettings, chunk_bytes: int, key: bytes | None = None
+) -> list[bytes]:
+    """The messages of ``envelope`` split with ``chunk_bytes`` (whole frame if it fits), each chunk signed
+    with ``key`` (the client's; the aggregator refuses unsigned chunks)."""
+    return update_messages(envelope, settings.model_copy(update={"chunk_bytes": chunk_bytes}), key=key)
 
 
 def frame_parts(frame: bytes) -> tuple[dict[str, Any], bytes]:
@@ -189,7 +198,7 @@ async def dead_letters(
 
     consumer = AIOKafkaConsumer(
         settings.dlq_topic,
-        bootstrap_servers=settings.kafka_bootstrap(),
+        **kafka_kwargs(settings, "admin"),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )

@@ -30,7 +30,7 @@ from bench.chaos.processes import (
     partition_of,
     settings_env,
 )
-from clients.updates import UpdateProducer
+from services.ingest.producer import UpdateProducer
 from services.store.versions import VersionStore
 from tests.support.federations import Client, random_delta
 
@@ -82,7 +82,7 @@ class UpdateStream:
                 num_samples=rng.randint(1, 64),
                 encoding=ENCODINGS[(index + i) % len(ENCODINGS)],
             )
-            sent = await self.producer.send(envelope)
+            sent = await self.producer.send(envelope, key=client.key)  # chunks signed: the aggregator checks
             self.messages += sent
             self.multi_chunk += sent > 1
             self.sent.setdefault(fed, []).append(envelope.data.update_id)

@@ -16,7 +16,7 @@ P = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_{}.weight"
 SHAPES = {P.format(i, m, "A"): (4, 16) for i in range(2) for m in "qv"} | {
     P.format(i, m, "B"): (16, 4) for i in range(2) for m in "qv"
 }
-PLAIN = AggregationSpec(max_update_norm=None)
+PLAIN = AggregationSpec(max_update_norm=None, allow_unbounded_norm=True, weighting="samples")
 
 
 def rand_state(gen: torch.Generator, scale: float = 1.0) -> StateDict:
@@ -121,7 +121,9 @@ def test_robust_options_resist_a_poisoned_update(robust: str) -> None:
         for i in range(6)
     ]
     poison = BufferedUpdate("evil", "evil", {k: v * 100.0 for k, v in clean[0].delta.items()}, 10, 0)
-    spec = AggregationSpec(robust=robust, trim_ratio=0.2, max_update_norm=None)
+    spec = AggregationSpec(
+        robust=robust, trim_ratio=0.2, buffer_size=7, max_update_norm=None, allow_unbounded_norm=True
+    )
     out = aggregate(g0, [*clean, poison], spec)
     assert out.weights == pytest.approx({u: 1 / 7 for u in out.weights})
     for k in SHAPES:
@@ -216,8 +218,8 @@ class FakeClock:
         return self.now
 
 
-def _u(i: int) -> BufferedUpdate:
-    return BufferedUpdate(f"u{i}", "c", {}, 1, 0)
+def _u(i: int, client: str | None = None) -> BufferedUpdate:
+    return BufferedUpdate(f"u{i}", client or f"c{i}", {}, 1, 0)
 
 
 def test_update_buffer_flushes_at_k() -> None:

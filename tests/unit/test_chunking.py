@@ -1,4 +1,4 @@
-"""schemas.chunking: split/reassemble, expiry, eviction, every chunk rejection, positions."""
+"""schemas.chunking: split/reassemble, expiry, quotas, the shared bound, every chunk rejection, positions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.chunking import Reassembler, split_frame
+from schemas.chunking import Reassembler, ReassemblyBudget, split_frame
 from schemas.errors import ChunkError, ConfigError, PayloadTooLargeError, RejectReason
 from schemas.events import AdapterUpdateChunk
 from schemas.frame import decode_frame
@@ -174,10 +174,7 @@ def test_corrupt_chunk() -> None:
     assert r.pending_uploads == 0
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [{"count": 5}, {"total_size": 4 * KIB + 1}, {"total_sha256": "0" * 64}],
-)
+@pytest.mark.parametrize("changes", [{"count": 5}, {"total_size": 4 * KIB + 1}])
 def test_inconsistent_headers(changes: dict[str, Any]) -> None:
     chunks = split(os.urandom(4 * KIB), KIB)
     r = reassembler()
@@ -259,7 +256,6 @@ def test_missing_chunk_expires() -> None:
     assert (gone.received, gone.count, gone.received_bytes, gone.total_size) == (2, 4, 2 * KIB, 4 * KIB)
     assert gone.first_position == 7
     assert gone.reason is RejectReason.CHUNK_EXPIRED
-    assert not gone.evicted
     assert r.pending_uploads == 0
     assert r.pending_bytes == 0
     assert r.expire() == []
@@ -273,36 +269,84 @@ def test_expire_with_explicit_now() -> None:
     assert len(r.expire(now=clock.now + 6)) == 1
 
 
-def test_memory_bound_evicts_oldest() -> None:
-    clock = FakeClock()
-    r = reassembler(clock, max_total_bytes=8 * KIB, max_update_bytes=4 * KIB)
-    uploads = [split(os.urandom(4 * KIB), KIB, update_id=f"u{i}") for i in range(3)]
-    for i in range(3):  # u0, u1, u2 each hold 3 KiB: 9 KiB > 8 KiB once u2 starts its third chunk
-        for chunk in uploads[i][:3]:
-            clock.now += 1
-            r.add(chunk, position=i * 10 + chunk.index)
-            assert r.pending_bytes <= 8 * KIB
-    evicted = r.drain_evicted()
-    assert [e.update_id for e in evicted] == ["u0"]
-    assert evicted[0].evicted
-    assert evicted[0].reason is RejectReason.CHUNK_EXPIRED
-    assert evicted[0].first_position == 0
-    assert r.drain_evicted() == []
-    assert r.pending_uploads == 2
-    assert r.oldest_pending_position() == 10
-    assert r.add(uploads[2][3]) is not None  # u2 completes (evicting u1 to make room is allowed)
-    assert r.pending_bytes <= 8 * KIB
-
-
-def test_the_upload_being_added_is_never_evicted() -> None:
-    r = reassembler(max_total_bytes=4 * KIB, max_update_bytes=4 * KIB)
-    other = split(os.urandom(4 * KIB), KIB, update_id="other")
-    r.add(other[0])
+def test_another_digest_is_another_upload() -> None:
+    """A chunk naming the same ids with other content never touches the legitimate upload."""
     frame = os.urandom(4 * KIB)
     chunks = split(frame, KIB)
-    results = [r.add(c) for c in chunks]
+    forged = split(os.urandom(4 * KIB), KIB)  # same fed/client/update id, other whole digest
+    r = reassembler()
+    assert r.add(forged[0], position=0) is None  # first: it must not squat index 0 of the real upload
+    results = [r.add(c, position=1 + i) for i, c in enumerate(chunks)]
     assert results[-1] == frame
-    assert [e.update_id for e in r.drain_evicted()] == ["other"]
+    assert r.pending_uploads == 1  # the forged one stays incomplete until it expires
+    assert r.oldest_pending_position() == 0
+    (gone,) = r.drop()
+    assert gone.total_sha256 == forged[0].total_sha256
+    assert r.reserved_bytes == 0
+
+
+def test_client_quota_of_uploads_and_bytes() -> None:
+    r = reassembler(max_update_bytes=8 * KIB, max_uploads_per_client=2)
+    uploads = [split(os.urandom(4 * KIB), KIB, update_id=f"u{i}") for i in range(3)]
+    r.add(uploads[0][0])
+    r.add(uploads[1][0])
+    with pytest.raises(ChunkError) as info:
+        r.add(uploads[2][0])
+    assert info.value.reason is RejectReason.UPLOAD_QUOTA
+    assert r.pending_uploads == 2
+    assert r.client_uploads("fed", "c1") == 2
+    other = split(os.urandom(4 * KIB), KIB, update_id="u2", client_id="c2")  # another client: its own quota
+    r.add(other[0])
+    for chunk in uploads[0][1:]:
+        r.add(chunk)
+    r.add(uploads[2][0])  # a slot is free again
+    big = reassembler(max_update_bytes=8 * KIB, max_client_bytes=8 * KIB, max_uploads_per_client=5)
+    big.add(split(os.urandom(6 * KIB), KIB, update_id="a")[0])
+    with pytest.raises(ChunkError) as info:
+        big.add(split(os.urandom(4 * KIB), KIB, update_id="b")[0])  # 6 + 4 KiB > 8 KiB
+    assert info.value.reason is RejectReason.UPLOAD_QUOTA
+
+
+def test_full_budget_refuses_new_uploads_and_never_evicts() -> None:
+    r = reassembler(
+        max_total_bytes=8 * KIB,
+        max_update_bytes=4 * KIB,
+        max_uploads_per_client=10,
+        max_client_bytes=64 * KIB,
+    )
+    uploads = [split(os.urandom(4 * KIB), KIB, update_id=f"u{i}") for i in range(3)]
+    r.add(uploads[0][0], position=0)
+    r.add(uploads[1][0], position=10)
+    assert r.reserved_bytes == 8 * KIB  # whole total sizes are reserved at the first chunk
+    with pytest.raises(ChunkError) as info:
+        r.add(uploads[2][0], position=20)
+    assert info.value.reason is RejectReason.REASSEMBLY_FULL
+    assert r.pending_uploads == 2
+    assert r.oldest_pending_position() == 0
+    results = [r.add(c) for c in uploads[0][1:]]  # a started upload always has room to complete
+    assert results[-1] is not None
+    r.add(uploads[2][0], position=20)
+    assert r.pending_uploads == 2
+
+
+def test_shared_budget_is_process_wide() -> None:
+    budget = ReassemblyBudget(8 * KIB)
+    a: Reassembler[int] = Reassembler(0, 60.0, 4 * KIB, budget=budget)
+    b: Reassembler[int] = Reassembler(0, 60.0, 4 * KIB, budget=budget)
+    a.add(split(os.urandom(4 * KIB), KIB, update_id="x")[0])
+    b.add(split(os.urandom(4 * KIB), KIB, update_id="y", client_id="c2")[0])
+    assert budget.reserved == 8 * KIB
+    with pytest.raises(ChunkError) as info:
+        b.add(split(os.urandom(4 * KIB), KIB, update_id="z", client_id="c3")[0])
+    assert info.value.reason is RejectReason.REASSEMBLY_FULL
+    a.close()  # a's state is thrown away (rebalance): its reservations go back
+    assert budget.reserved == 4 * KIB
+    b.add(split(os.urandom(4 * KIB), KIB, update_id="z", client_id="c3")[0])
+    assert budget.reserved == 8 * KIB
+    b.drop()
+    assert budget.reserved == 0
+    a.drop()  # closed: dropping its uploads gives nothing back twice
+    assert budget.reserved == 0
 
 
 def test_positions() -> None:
@@ -330,6 +374,10 @@ def test_config_checks() -> None:
         Reassembler(max_total_bytes=KIB, ttl_s=1.0, max_update_bytes=2 * KIB)
     with pytest.raises(ConfigError):
         Reassembler(max_total_bytes=KIB, ttl_s=0.0, max_update_bytes=KIB)
+    with pytest.raises(ConfigError):
+        Reassembler(0, 1.0, 2 * KIB, budget=ReassemblyBudget(KIB))
+    with pytest.raises(ConfigError):
+        Reassembler(4 * KIB, 1.0, 2 * KIB, max_client_bytes=KIB)
     with pytest.raises(ConfigError):
         split_frame(b"x", federation="f", client_id="c", update_id="u", chunk_bytes=0, source="s")
 

@@ -17,8 +17,8 @@ from clients.data import (
     split_user_text,
     tokenize,
 )
-from schemas.errors import ConfigError
 from modeling.base import ByteTokenizer
+from schemas.errors import ConfigError
 
 SHAKESPEARE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"

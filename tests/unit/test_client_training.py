@@ -10,10 +10,10 @@ import torch
 
 from clients.data import UserData, load_users
 from clients.training import PERSONAL, SHARED, AdapterTrainer, TrainConfig
-from schemas.errors import ConfigError
-from schemas.events import FederationSpec
 from modeling.base import TINY_LLAMA, load_base_model
 from modeling.lora import StateDict, init_adapter
+from schemas.errors import ConfigError
+from schemas.events import FederationSpec
 
 SHAKESPEARE = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from schemas.events import FederationSpec, LoraSpec, TensorEncoding, utcnow
 from modeling.base import TINY_LLAMA, BaseModel, load_base_model
 from modeling.lora import init_adapter, peft_config
+from schemas.events import FederationSpec, LoraSpec, TensorEncoding, utcnow
 from services.personalization.inference import ScoreRow, score_rows
 from services.personalization.lora_slots import NO_SLOT
 from services.personalization.stacks import build_merged_stack, merge_global

@@ -1,22 +1,18 @@
-"""schemas.signing: sign/verify, tampering, key stores."""
+"""schemas.signing: sign/verify, tampering, the in-memory key store."""
 
 from __future__ import annotations
 
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from schemas.codec import sha256_hex
-from schemas.errors import ConfigError, RejectReason, SignatureError
+from schemas.errors import RejectReason, SignatureError
 from schemas.events import AdapterUpdate, Envelope, FederationSpec, TensorEncoding, make_envelope
 from schemas.frame import decode_frame, encode_frame
 from schemas.signing import (
-    MIN_KEY_BYTES,
-    FileKeyStore,
-    RedisKeyStore,
     StaticKeyStore,
     canonical_signing_bytes,
     derive_client_key,
@@ -150,81 +146,8 @@ def test_keys() -> None:
 # ------------------------------------------------------------------------------------------ key stores
 
 
-def test_file_key_store(tmp_path: Path) -> None:
-    path = tmp_path / "keys.json"
-    FileKeyStore.write(path, {"c1": KEY})
-    assert path.stat().st_mode & 0o777 == 0o600
-    store = FileKeyStore(path)
+def test_static_key_store() -> None:
+    store = StaticKeyStore({"c1": KEY})
     assert store.get("c1") == KEY
     assert store.get("c2") is None
     verify_update(signed(), store)
-    FileKeyStore.write(path, {"c2": KEY})
-    store.reload()
-    assert store.get("c1") is None
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        None,  # missing file
-        "not json",
-        "[1, 2]",
-        '{"c1": 42}',
-        '{"c1": "zz"}',
-        '{"c1": "abcd"}',  # too short
-    ],
-)
-def test_file_key_store_bad_files(tmp_path: Path, content: str | None) -> None:
-    path = tmp_path / "keys.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(ConfigError):
-        FileKeyStore(path)
-
-
-def test_file_key_store_binary_garbage(tmp_path: Path) -> None:
-    path = tmp_path / "keys.json"
-    path.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError):
-        FileKeyStore(path)
-
-
-class FakeRedis:
-    def __init__(self) -> None:
-        self.hashes: dict[str, dict[bytes, bytes]] = {}
-
-    async def hgetall(self, name: str) -> dict[bytes, bytes]:
-        return dict(self.hashes.get(name, {}))
-
-    async def hset(self, name: str, field: str, value: str) -> int:
-        self.hashes.setdefault(name, {})[field.encode()] = value.encode()
-        return 1
-
-
-async def test_redis_key_store() -> None:
-    redis = FakeRedis()
-    redis.hashes["pfi:clients:keys"] = {b"c1": KEY.hex().encode(), b"bad": b"zz", b"short": b"abcd"}
-    store = RedisKeyStore()
-    assert store.get("c1") is None
-    assert await store.refresh(redis) == 1
-    assert store.get("c1") == KEY
-    assert store.get("bad") is None
-    verify_update(signed(), store)
-    other = generate_key()
-    await store.put(redis, "c9", other)
-    assert store.get("c9") == other
-    fresh = RedisKeyStore()
-    assert await fresh.refresh(redis) == 2
-    assert fresh.get("c9") == other
-    with pytest.raises(ConfigError):
-        await store.put(redis, "c10", b"x" * (MIN_KEY_BYTES - 1))
-
-
-async def test_redis_key_store_sync_client_and_str_values() -> None:
-    class SyncRedis:
-        def hgetall(self, name: str) -> dict[str, str]:
-            return {"c1": KEY.hex()}
-
-    store = RedisKeyStore(hash_key="custom")
-    assert await store.refresh(SyncRedis()) == 1
-    assert store.get("c1") == KEY

@@ -3,10 +3,18 @@
 One module per concern: :mod:`.staleness` (s(τ)), :mod:`.robust` (clipping, trimmed mean, median),
 :mod:`.lora_modes` (FedIT vs FFA-LoRA), :mod:`.server_optimizer` (FedAvg/FedAvgM/FedAdam server
 step and its serializable state), :mod:`.privacy` (server Gaussian noise, RDP accountant) and
-:mod:`.fedbuff` (the buffer and :func:`aggregate`, which chains them).
+:mod:`.fedbuff` (the buffer and :func:`aggregate`, which chains them) and :mod:`.bounds` (how far one
+client can move the global under a spec).
 """
 
-from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, UpdateBuffer, aggregate
+from services.aggregator.math.bounds import influence_bound, max_share, step_influence
+from services.aggregator.math.fedbuff import (
+    AggregationResult,
+    BufferedUpdate,
+    UpdateBuffer,
+    aggregate,
+    effective_samples,
+)
 from services.aggregator.math.lora_modes import is_lora_a, is_lora_b, merged_product, project_delta
 from services.aggregator.math.privacy import (
     DEFAULT_ORDERS,
@@ -16,12 +24,15 @@ from services.aggregator.math.privacy import (
     sensitivity,
 )
 from services.aggregator.math.robust import (
+    MIN_TRIM,
     StateDict,
     clip_scale,
     clip_to_norm,
     coordinate_median,
     coordinate_trimmed_mean,
     l2_norm,
+    scaled,
+    trim_count,
     trimmed_window,
 )
 from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
@@ -29,6 +40,7 @@ from services.aggregator.math.staleness import from_spec, staleness_weight
 
 __all__ = [
     "DEFAULT_ORDERS",
+    "MIN_TRIM",
     "AggregationResult",
     "BufferedUpdate",
     "RdpAccountant",
@@ -42,14 +54,20 @@ __all__ = [
     "clip_to_norm",
     "coordinate_median",
     "coordinate_trimmed_mean",
+    "effective_samples",
     "from_spec",
+    "influence_bound",
     "is_lora_a",
     "is_lora_b",
     "l2_norm",
+    "max_share",
     "merged_product",
     "project_delta",
     "robust_sensitivity",
+    "scaled",
     "sensitivity",
     "staleness_weight",
+    "step_influence",
+    "trim_count",
     "trimmed_window",
 ]

@@ -5,10 +5,12 @@
 1. projection of each delta by the LoRA mode (``ffa`` drops ``lora_A``: see :mod:`.lora_modes`);
 2. per-update L2 clipping to ``max_update_norm`` when set (the service itself rejects over-norm
    updates when ``norm_policy == "reject"``; here they are just clipped);
-3. coefficients ``w_i = s(τ_i)·n_i / Σ n_j`` (``n = 1`` with ``weighting == "uniform"``).
+3. coefficients ``w_i = s(τ_i)·n_i / Σ n_j`` (``n = 1`` with ``weighting == "uniform"``, the default;
+   with ``"samples"``, ``n_i`` is the claimed count capped at ``max_num_samples``).
    The robust options (``trimmed_mean``/``median``) are coordinate-wise statistics of the clipped
    deltas that **ignore the weights** (staleness and sample counts cannot be honoured by an order
-   statistic without letting a liar inflate its influence); ``weights`` then reports ``1/K`` each;
+   statistic without letting a liar inflate its influence); ``weights`` then reports ``1/K`` each.
+   The trimmed mean drops at least one update per side (``min_trim=1``) whatever the buffer's size;
 4. optional server Gaussian noise, std = ``dp_noise_multiplier · sensitivity`` (see :mod:`.privacy`);
 5. the server optimizer (``none``/``momentum``/``adam``) with ``server_lr`` = η.
 
@@ -18,6 +20,11 @@ with ``η·s(τ)``), and a buffer of uniformly stale updates would move the glob
 one. Dividing by ``Σ n_i`` keeps the discount absolute: K = 1 gives FedAsync's ``η·s(τ)·Δ`` and equal
 sample counts give FedBuff's ``(η/K)·Σ s(τ_i)·Δ_i`` (Nguyen et al. 2022, Alg. 1).
 
+Norms are float64 (:func:`.robust.l2_norm`, the same norm validation uses) and clipping multiplies in
+float64 (:func:`.robust.scaled`), so a finite delta always clips to a finite one of norm ``C``; a result
+that is still not finite raises ``ValueError`` (the service then isolates the update that causes it).
+How far one client can move the global under a spec: :mod:`.bounds`.
+
 A key absent from a delta counts as a zero delta for that key; a key absent from every delta
 (e.g. ``lora_A`` under FFA) is left untouched in the global. Inputs are never modified.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,11 +43,13 @@ from schemas.events import AggregationSpec
 from services.aggregator.math.lora_modes import project_delta
 from services.aggregator.math.privacy import add_gaussian_noise, robust_sensitivity, sensitivity
 from services.aggregator.math.robust import (
+    MIN_TRIM,
     StateDict,
     clip_scale,
     coordinate_median,
     coordinate_trimmed_mean,
     l2_norm,
+    scaled,
     trimmed_window,
 )
 from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
@@ -109,18 +119,25 @@ def _weighted_mean(global_state: StateDict, deltas: Sequence[StateDict], coefs: 
     return out
 
 
-def _robust(
-    global_state: StateDict, deltas: Sequence[StateDict], scales: Sequence[float], spec: AggregationSpec
-) -> StateDict:
+def _robust(global_state: StateDict, deltas: Sequence[StateDict], spec: AggregationSpec) -> StateDict:
     keys = [k for k in global_state if any(k in d for d in deltas)]
     full: list[StateDict] = []
-    for d, s in zip(deltas, scales, strict=True):
+    for d in deltas:
         full.append(
-            {k: (d[k].to(torch.float32) * s if k in d else torch.zeros(global_state[k].shape)) for k in keys}
+            {k: (d[k].to(torch.float32) if k in d else torch.zeros(global_state[k].shape)) for k in keys}
         )
     if spec.robust == "median":
         return coordinate_median(full)
-    return coordinate_trimmed_mean(full, spec.trim_ratio)
+    return coordinate_trimmed_mean(full, spec.trim_ratio, MIN_TRIM)
+
+
+def _finite(state: StateDict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def effective_samples(num_samples: int, spec: AggregationSpec) -> int:
+    """The sample count an update weighs with: 1 (uniform), or the claim capped at ``max_num_samples``."""
+    return 1 if spec.weighting == "uniform" else min(num_samples, spec.max_num_samples)
 
 
 def aggregate(
@@ -143,7 +160,7 @@ def aggregate(
 
     norms: dict[str, float] = {}
     clipped: list[str] = []
-    scales: list[float] = []
+    bounded: list[StateDict] = []
     for u, d in zip(buffer, deltas, strict=True):
         norm = l2_norm(d)
         if not math.isfinite(norm):
@@ -152,10 +169,11 @@ def aggregate(
         scale = 1.0 if spec.max_update_norm is None else clip_scale(norm, spec.max_update_norm)
         if scale < 1.0:
             clipped.append(u.update_id)
-        scales.append(scale)
+            d = scaled(d, scale)
+        bounded.append(d)
 
     staleness_weights = {u.update_id: s(u.staleness) for u in buffer}
-    samples = [u.num_samples if spec.weighting == "samples" else 1 for u in buffer]
+    samples = [effective_samples(u.num_samples, spec) for u in buffer]
     raw = [staleness_weights[u.update_id] * n for u, n in zip(buffer, samples, strict=True)]
     # Normalized by the sample total, not by the discounted total: the staleness discount is absolute,
     # so K = 1 is FedAsync (global += η·s(τ)·Δ) and uniform samples give FedBuff's (η/K)·Σ s(τ_i)·Δ_i.
@@ -165,11 +183,10 @@ def aggregate(
 
     if spec.robust == "none":
         weights = {u.update_id: w / total for u, w in zip(buffer, raw, strict=True)}
-        coefs = [weights[u.update_id] * sc for u, sc in zip(buffer, scales, strict=True)]
-        pseudo_grad = _weighted_mean(global_state, deltas, coefs)
+        pseudo_grad = _weighted_mean(global_state, bounded, [weights[u.update_id] for u in buffer])
     else:
         weights = {u.update_id: 1.0 / len(buffer) for u in buffer}
-        pseudo_grad = _robust(global_state, deltas, scales, spec)
+        pseudo_grad = _robust(global_state, bounded, spec)
 
     noise_std = 0.0
     if spec.dp_noise_multiplier > 0:
@@ -179,7 +196,8 @@ def aggregate(
             sens = sensitivity(spec.max_update_norm, raw) * sum(raw) / total
         else:
             ratio = 0.5 if spec.robust == "median" else spec.trim_ratio
-            sens = robust_sensitivity(spec.max_update_norm, trimmed_window(len(buffer), ratio))
+            min_trim = MIN_TRIM if spec.robust == "trimmed_mean" else 0
+            sens = robust_sensitivity(spec.max_update_norm, trimmed_window(len(buffer), ratio, min_trim))
         noise_std = spec.dp_noise_multiplier * sens
         if generator is None:
             generator = torch.Generator()
@@ -187,6 +205,8 @@ def aggregate(
         pseudo_grad = add_gaussian_noise(pseudo_grad, noise_std, generator)
 
     new_global, step, new_state = apply_server_update(global_state, pseudo_grad, spec, opt_state)
+    if not _finite({k: new_global[k] for k in step}):
+        raise ValueError("the merge produced non-finite values")
     return AggregationResult(
         new_global=new_global,
         applied_delta=step,
@@ -203,28 +223,58 @@ def aggregate(
 class UpdateBuffer:
     """The FedBuff buffer of one federation: flush at K updates or when the oldest waited too long.
 
-    Pure and clock-injected (``clock`` returns seconds, monotonic); not thread-safe. Disposable by
-    design: after a crash the service replays the updates from the offsets stored in Redis.
+    At most ``max_per_client`` updates per client: :meth:`has_room_for` tells the caller to park the next
+    one (see ``services.aggregator.runtime``). A timed-out buffer with fewer than ``min_updates`` is not
+    due (it waits for more). Pure and clock-injected (``clock`` returns seconds, monotonic); not thread-safe.
+    Disposable by design: after a crash the service replays the updates from the offsets stored in Redis.
     """
 
     def __init__(
-        self, buffer_size: int, flush_timeout_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        buffer_size: int,
+        flush_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        min_updates: int = 1,
+        max_per_client: int = 1,
     ) -> None:
-        if buffer_size < 1 or not flush_timeout_s > 0:
+        if buffer_size < 1 or not flush_timeout_s > 0 or not 1 <= min_updates <= buffer_size:
             raise ValueError(
-                f"need buffer_size >= 1 and flush_timeout_s > 0, got {buffer_size}, {flush_timeout_s}"
+                f"need buffer_size >= 1, flush_timeout_s > 0 and 1 <= min_updates <= buffer_size, "
+                f"got {buffer_size}, {flush_timeout_s}, {min_updates}"
             )
+        if max_per_client < 1:
+            raise ValueError(f"max_per_client must be >= 1, got {max_per_client}")
         self.buffer_size = buffer_size
         self.flush_timeout_s = flush_timeout_s
+        self.min_updates = min_updates
+        self.max_per_client = max_per_client
         self._clock = clock
         self._entries: dict[str, tuple[float, BufferedUpdate]] = {}
+        self._clients: Counter[str] = Counter()
 
     def add(self, update: BufferedUpdate) -> bool:
-        """Buffer ``update``; True when it holds >= K updates ("flush now"). A duplicate id: ValueError."""
+        """Buffer ``update``; True when it holds >= K updates ("flush now"). A duplicate id or an update
+        of a client with ``max_per_client`` in the buffer: ValueError."""
+        self._check(update)
+        self._entries[update.update_id] = (self._clock(), update)
+        self._clients[update.client_id] += 1
+        return self.full()
+
+    def _check(self, update: BufferedUpdate) -> None:
         if update.update_id in self._entries:
             raise ValueError(f"update {update.update_id!r} is already buffered")
-        self._entries[update.update_id] = (self._clock(), update)
+        if self._clients[update.client_id] >= self.max_per_client:
+            raise ValueError(f"client {update.client_id!r} already has its share of this buffer")
+
+    def full(self) -> bool:
         return len(self._entries) >= self.buffer_size
+
+    def client_count(self, client_id: str) -> int:
+        """How many updates of ``client_id`` the buffer holds."""
+        return self._clients[client_id]
+
+    def has_room_for(self, client_id: str) -> bool:
+        return self._clients[client_id] < self.max_per_client
 
     def deadline(self) -> float | None:
         """Clock time at which the buffer becomes due (None when empty)."""
@@ -234,23 +284,38 @@ class UpdateBuffer:
         return oldest + self.flush_timeout_s
 
     def due(self, now: float | None = None) -> bool:
-        """Whether the buffer is non-empty and its oldest update has waited ``flush_timeout_s`` or longer."""
+        """Whether the buffer holds ``min_updates`` or more and its oldest update has waited
+        ``flush_timeout_s`` or longer."""
         deadline = self.deadline()
-        if deadline is None:
+        if deadline is None or len(self._entries) < self.min_updates:
             return False
         return (self._clock() if now is None else now) >= deadline
 
+    def take_entries(self) -> list[tuple[float, BufferedUpdate]]:
+        """Every buffered update with the clock time it was added, oldest first; the buffer is left empty."""
+        entries = list(self._entries.values())
+        self.clear()
+        return entries
+
     def take(self) -> list[BufferedUpdate]:
         """Every buffered update, oldest first; the buffer is left empty."""
-        updates = [u for _, u in self._entries.values()]
-        self._entries.clear()
-        return updates
+        return [u for _, u in self.take_entries()]
+
+    def restore(self, entries: Sequence[tuple[float, BufferedUpdate]]) -> None:
+        """Put taken entries back (their times kept), ahead of anything added since."""
+        rest = list(self._entries.values())
+        self.clear()
+        for added_at, update in [*entries, *rest]:
+            self._check(update)
+            self._entries[update.update_id] = (added_at, update)
+            self._clients[update.client_id] += 1
 
     def contains(self, update_id: str) -> bool:
         return update_id in self._entries
 
     def clear(self) -> None:
         self._entries.clear()
+        self._clients.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

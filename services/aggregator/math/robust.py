@@ -7,21 +7,29 @@ vectorized per tensor (one ``torch.stack`` + ``sort`` per key); Python loops run
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from schemas.codec import state_l2_norm
 
 StateDict = dict[str, torch.Tensor]
 """Float tensors keyed like a PEFT adapter state dict (``...q_proj.lora_A.weight``)."""
 
+MIN_TRIM = 1
+"""The service's trimmed mean drops at least one update per side of every version of 3 or more."""
 
-def l2_norm(state: StateDict) -> float:
-    """Global L2 norm over all tensors of ``state`` (``inf``/``nan`` if a value is not finite)."""
-    total = 0.0
-    for tensor in state.values():
-        n = float(torch.linalg.vector_norm(tensor, dtype=torch.float32))
-        total += n * n
-    return math.sqrt(total)
+
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over all tensors of ``state``, accumulated in float64 (``inf``/``nan`` if a value is
+    not finite): :func:`schemas.codec.state_l2_norm`, the one norm of PFI.
+
+    The aggregator's validation (norm bound, finiteness), clipping and DP sensitivity all use it. In float64
+    the sum of squares of finite float32 values cannot overflow (a float32 is at most 3.4e38, its square
+    1.2e77, and no adapter has 1e231 values), so the norm is finite exactly when every value is: a finite
+    value such as 1e20 is clipped, never an overflow in the merge.
+    """
+    return state_l2_norm(state)
 
 
 def clip_scale(norm: float, max_norm: float) -> float:
@@ -33,6 +41,14 @@ def clip_scale(norm: float, max_norm: float) -> float:
     return 1.0 if norm <= max_norm else max_norm / norm
 
 
+def scaled(delta: Mapping[str, torch.Tensor], scale: float) -> StateDict:
+    """``delta · scale`` as new float32 tensors, multiplied in float64: a tiny factor (``C / 1e40``) is not
+    rounded to a float32 denormal, so the clipped norm is ``C`` to float32 precision."""
+    if scale == 1.0:
+        return {k: v.to(torch.float32, copy=True) for k, v in delta.items()}
+    return {k: (v.to(torch.float64) * scale).to(torch.float32) for k, v in delta.items()}
+
+
 def clip_to_norm(delta: StateDict, max_norm: float) -> tuple[StateDict, float, bool]:
     """Scale ``delta`` so that its global L2 norm is at most ``max_norm``.
 
@@ -41,9 +57,7 @@ def clip_to_norm(delta: StateDict, max_norm: float) -> tuple[StateDict, float, b
     """
     norm = l2_norm(delta)
     scale = clip_scale(norm, max_norm)
-    if scale == 1.0:
-        return {k: v.to(torch.float32, copy=True) for k, v in delta.items()}, norm, False
-    return {k: v.to(torch.float32) * scale for k, v in delta.items()}, norm, True
+    return scaled(delta, scale), norm, scale < 1.0
 
 
 def _stacked(deltas: Sequence[StateDict], key: str) -> torch.Tensor:
@@ -80,17 +94,28 @@ def coordinate_median(deltas: Sequence[StateDict]) -> StateDict:
     return out
 
 
-def coordinate_trimmed_mean(deltas: Sequence[StateDict], trim_ratio: float) -> StateDict:
+def trim_count(n: int, trim_ratio: float, min_trim: int = 0) -> int:
+    """How many values per side a trimmed mean of ``n`` drops: ``⌊trim_ratio·n⌋``, and at least
+    ``min_trim`` when ``n >= 2·min_trim + 1`` (something must remain). The service passes ``min_trim=1``
+    so that a timed-out flush of fewer than K updates still trims one per side (K is validated to trim
+    at least one)."""
+    k = math.floor(trim_ratio * n)
+    if n >= 2 * min_trim + 1:
+        k = max(k, min_trim)
+    return k
+
+
+def coordinate_trimmed_mean(deltas: Sequence[StateDict], trim_ratio: float, min_trim: int = 0) -> StateDict:
     """Coordinate-wise trimmed mean (Yin et al. 2018).
 
-    Drops the ``⌊trim_ratio·n⌋`` smallest and the as many largest values of each coordinate and
-    averages the rest; if nothing would remain, falls back to :func:`coordinate_median`.
+    Drops the :func:`trim_count` smallest and as many largest values of each coordinate and averages the
+    rest; if nothing would remain, falls back to :func:`coordinate_median`.
     """
     if not 0.0 <= trim_ratio < 1.0:
         raise ValueError(f"trim_ratio must be in [0, 1), got {trim_ratio}")
     keys = _common_keys(deltas)
     n = len(deltas)
-    k = math.floor(trim_ratio * n)
+    k = trim_count(n, trim_ratio, min_trim)
     if n - 2 * k <= 0:
         return coordinate_median(deltas)
     out: StateDict = {}
@@ -103,9 +128,9 @@ def coordinate_trimmed_mean(deltas: Sequence[StateDict], trim_ratio: float) -> S
     return out
 
 
-def trimmed_window(n: int, trim_ratio: float) -> int:
+def trimmed_window(n: int, trim_ratio: float, min_trim: int = 0) -> int:
     """How many order statistics per coordinate a trimmed mean of ``n`` values averages (median: 1 or 2)."""
-    k = math.floor(trim_ratio * n)
+    k = trim_count(n, trim_ratio, min_trim)
     if n - 2 * k > 0:
         return n - 2 * k
     return 1 if n % 2 == 1 else 2

@@ -4,7 +4,7 @@
 -- ARGV: 1 expected_latest ('' = must not exist), 2 expected_head ('' = must not exist), 3 new version,
 --       4 blob, 5 meta json, 6 optimizer blob ('' = delete), 7 accountant json ('' = keep), 8 keep_n,
 --       9 adapter key prefix, 10 event json, 11 n_offsets, then n_offsets (field, value) pairs,
---       then n_ids, ids..., then n_stats, (field, increment) pairs...
+--       then n_ids, seen members (client_id/update_id)..., then n_stats, (field, increment) pairs...
 local function get_or_empty(key)
   local v = redis.call('GET', key)
   if v == false then return '' end

@@ -13,7 +13,7 @@ Three delivery paths:
   an explicit key; each expectation names the message (index into ``messages``) whose partition/offset
   the dead-letter record must carry;
 * ``sdk``: a signed envelope built with :func:`clients.updates.build_update` and sent by
-  :class:`clients.updates.UpdateProducer` (framed, chunked at the SDK's ``chunk_bytes``); dead letters are
+  :class:`services.ingest.producer.UpdateProducer` (framed, chunked at ``chunk_bytes``); dead letters are
   matched by update id (several when every chunk is refused on arrival);
 * ``refused``: bad input the SDK itself refuses with a typed error before anything is sent
   (:class:`RefusedCase`).

@@ -210,6 +210,7 @@ class GeneratorBase:
             update_id=data.update_id,
             chunk_bytes=chunk_bytes,
             source=envelope.source,
+            key=self.client.key,  # chunks are signed by the client (the aggregator refuses others)
         )
 
     # -- the version window -----------------------------------------------------------------------

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 from schemas.chunking import split_frame
 from schemas.codec import sha256_hex
 from schemas.errors import RejectReason
+from schemas.events import canonical_json
 from tests.fuzz.cases.base import GeneratorBase
 from tests.fuzz.cases.frames import make_frame, parts_of
 from tests.fuzz.cases.model import Case
 
 R = RejectReason
+
+
+def signed(header: dict[str, Any], key: bytes) -> dict[str, Any]:
+    """A chunk header (edited by a case) signed again by the client: such chunks are what the client
+    itself could send, so they reach the reassembler's checks (an unsigned or forged one is refused
+    ``signature_invalid`` before; see tests/integration/test_aggregator_untrusted.py)."""
+    unsigned = {**header, "data": {k: v for k, v in header["data"].items() if k != "signature"}}
+    mac = hmac.new(key, canonical_json(unsigned), hashlib.sha256).hexdigest()
+    return {**header, "data": {**header["data"], "signature": mac}}
 
 
 class ChunkCases(GeneratorBase):
@@ -29,12 +41,12 @@ class ChunkCases(GeneratorBase):
         def edit(i: int, **changes: Any) -> bytes:
             header, payload = parts_of(chunks[i])
             header["data"].update(changes)
-            return make_frame(header, payload)
+            return make_frame(signed(header, self.client.key), payload)
 
         def rehash(i: int, payload: bytes, **changes: Any) -> bytes:
             header, _ = parts_of(chunks[i])
             header["data"].update({"chunk_sha256": sha256_hex(payload), **changes})
-            return make_frame(header, payload)
+            return make_frame(signed(header, self.client.key), payload)
 
         def flipped_alone() -> Case:
             i = rng.randrange(n)
@@ -96,11 +108,12 @@ class ChunkCases(GeneratorBase):
             )
 
         def inconsistent_total() -> Case:
+            # Another whole digest is another upload (keyed by it): both stay incomplete and expire.
             return self.raw(
                 "chunks",
                 "inconsistent_total_sha",
                 [chunks[0], edit(1, total_sha256="ab" * 32)],
-                [(1, C), (0, E)],
+                [(1, E), (0, E)],
                 update_id=uid,
             )
 
@@ -153,6 +166,7 @@ class ChunkCases(GeneratorBase):
                 update_id=uid,
                 chunk_bytes=1024,
                 source="pfi://x",
+                key=self.client.key,
             )
             return self.raw("chunks", "whole_is_not_a_frame", list(msgs), R.MALFORMED, update_id=uid)
 
@@ -165,6 +179,7 @@ class ChunkCases(GeneratorBase):
                 update_id=self.uid("nest"),
                 chunk_bytes=256,
                 source="pfi://x",
+                key=self.client.key,
             )
             return self.raw("chunks", "whole_is_a_chunk", list(msgs), R.UNKNOWN_EVENT_TYPE)
 

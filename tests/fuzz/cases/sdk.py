@@ -34,6 +34,11 @@ class SdkCases(TensorCases):
                     ("unregistered_client", "own", Party(self.uid("nobody"), generate_key())),
                 ]
             )
+            if (
+                party is not None
+            ):  # not registered: each of its chunks is refused on arrival, not only the whole
+                env = self.signed(tag="sg", key=key, party=party)
+                return self.sdk_per_message("forged", variant, env, R.SIGNATURE_INVALID)
             return self.sdk(
                 "forged", variant, self.signed(tag="sg", key=key, party=party), R.SIGNATURE_INVALID
             )

@@ -11,6 +11,7 @@ from schemas.errors import RejectReason
 from schemas.events import TensorEncoding
 from schemas.frame import MAGIC, encode_frame
 from tests.fuzz.cases.base import GeneratorBase
+from tests.fuzz.cases.chunks import signed
 from tests.fuzz.cases.frames import INT8, make_frame, parts_of, u32
 from tests.fuzz.cases.model import Case, StateDict
 
@@ -184,7 +185,7 @@ class TensorCases(GeneratorBase):
             return self.raw(
                 "oversized",
                 "chunk_total_size_over_cap",
-                [make_frame(header, payload)],
+                [make_frame(signed(header, self.client.key), payload)],  # the client's own lie
                 OV,
                 update_id=env.data.update_id,
             )

@@ -1,4 +1,10 @@
-"""A fleet of virtual edge agents in one process (demo, load tests, benchmarks).
+"""A fleet of virtual edge agents in one process (load tests, benchmarks): ``pfi edge simulate``.
+
+A harness, not a device: it acts as the devices AND as the ingest. It registers its fleet's keys in
+the federation's client registry (:class:`services.identity.registry.ClientRegistry`, as an operator
+would), reads the spec and global adapter from the version store, and produces the (signed, chunks
+signed too) updates through :class:`services.ingest.producer.UpdateProducer` with the ``ingest`` Kafka
+principal, so the aggregator verifies them exactly like uploads that came through the HTTPS route.
 
 Memory: ONE frozen base model and ONE :class:`~clients.training.AdapterTrainer` serve every virtual
 client; per client there is only its personal adapter (in memory, or on disk with ``state_dir``), its
@@ -37,25 +43,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from clients.agent import (
-    AgentOptions,
-    DiskPersonalStore,
-    EdgeAgent,
-    KafkaSender,
-    MemoryPersonalStore,
-    OutboxPublisher,
-    PersonalStore,
-    SpecMismatchError,
-    master_key,
-)
+from clients.agent import AgentOptions, EdgeAgent, SpecMismatchError
 from clients.data import UserData, load_users
-from clients.outbox import Outbox, OutboxFull
+from clients.outbox import Outbox, OutboxFull, OutboxPublisher
+from clients.personal import DiskPersonalStore, MemoryPersonalStore, PersonalStore
 from clients.progress import Progress
-from clients.source import RedisGlobalSource
+from clients.settings import EdgeSettings
 from clients.training import AdapterTrainer, TrainConfig
 from schemas.errors import ConfigError, PFIError
-from schemas.signing import REDIS_KEYS_HASH, derive_client_key
-from services.settings import EdgeSettings, PFISettings
+from schemas.signing import generate_key
+from services.identity.registry import ClientRegistry
+from services.ingest.producer import UpdateProducer
+from services.settings import PFISettings
+from sim.source import VersionStoreSource
 
 log = logging.getLogger("pfi.edge.fleet")
 
@@ -156,25 +156,23 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-async def fleet_keys(client_ids: list[str], settings: PFISettings, redis: Any) -> dict[str, bytes]:
-    """Per-client HMAC keys: derived from ``PFI_SIGNING_MASTER_KEY`` when set; otherwise the client's key
-    in the Redis registry, registered (``admin.register_client``) when it has none yet. An existing key
-    is reused, never replaced, so an aggregator's cached copy stays valid."""
-    from services.federation.admin import register_client
-
-    master = master_key(settings)
-    if master is not None:
-        return {c: derive_client_key(master, c) for c in client_ids}
-    raw = await redis.hgetall(REDIS_KEYS_HASH)
-    existing: dict[str, bytes] = {}
-    for name, value in raw.items():
-        client = name.decode() if isinstance(name, bytes) else str(name)
-        with contextlib.suppress(ValueError):
-            existing[client] = bytes.fromhex(value.decode() if isinstance(value, bytes) else str(value))
+async def fleet_keys(
+    federation: str, client_ids: list[str], settings: PFISettings, redis: Redis
+) -> dict[str, bytes]:
+    """Per-client signing keys, registered in ``federation``'s client registry (one transaction for the
+    new ones). An active registered key is reused (an aggregator's cached copy stays valid); otherwise a
+    random one is registered, as an operator would (``pfi clients add``)."""
+    registry = ClientRegistry(redis)
+    existing = {r.client_id: r.key for r in await registry.list(federation) if r.active}
     keys: dict[str, bytes] = {}
+    new: dict[str, bytes] = {}
     for client in client_ids:
         key = existing.get(client)
-        keys[client] = key if key is not None and len(key) >= 16 else await register_client(redis, client)
+        if key is None:
+            key = generate_key()
+            new[client] = key
+        keys[client] = key
+    await registry.register_many(federation, new, via="sim")
     return keys
 
 
@@ -313,9 +311,9 @@ async def simulate(
     client = redis if redis is not None else Redis.from_url(settings.redis())
     stack = contextlib.AsyncExitStack()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfi-train")
-    sender = KafkaSender(settings, client_id="pfi-edge-fleet", request_timeout_ms=edge.request_timeout_ms)
+    sender = UpdateProducer(settings, principal="ingest", client_id="pfi-sim-fleet")
     try:
-        source = RedisGlobalSource(client)
+        source = VersionStoreSource(client)
         spec = await source.spec(cfg.federation)
         model_id = cfg.base_model or spec.base_model
         if model_id != spec.base_model:
@@ -333,7 +331,7 @@ async def simulate(
         client_ids = [
             f"{cfg.client_prefix}-{i:05d}-{users[i % len(users)]}"[:128] for i in range(cfg.clients)
         ]
-        keys = await fleet_keys(client_ids, settings, client)
+        keys = await fleet_keys(cfg.federation, client_ids, settings, client)
 
         if cfg.state_dir is not None:
             root = cfg.state_dir
@@ -371,12 +369,12 @@ async def simulate(
                 trainer,
                 outbox,
                 sender,
-                settings,
                 None,
                 cfg.options,
                 executor=executor,
                 personal_store=personal,
                 publisher=publisher,
+                edge_settings=edge,
             )
             data = UserData(client_id, split.train_text, split.heldout_text)  # text shared, id per client
             clients.append(_Client(agent, data, speed, rng))

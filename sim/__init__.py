@@ -1,0 +1,1 @@
+"""Harnesses that drive devices and services (never imported by either): the fleet simulator."""
