@@ -169,7 +169,7 @@ async def _produce(
             encoding=ENCODING,
             update_id=f"{point.federation}-u{i:05d}",
         )
-        return envelope, update_messages(envelope, settings)
+        return envelope, update_messages(envelope, settings, key=derive_client_key(master, client))
 
     async with UpdateProducer(settings, client_id=f"{point.federation}-producer") as producer:
         pending = asyncio.create_task(asyncio.to_thread(build, 0))

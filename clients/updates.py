@@ -76,7 +76,7 @@ class HasChunkBytes(Protocol):
 
 
 def update_messages(
-    envelope: Envelope[AdapterUpdate], chunk_bytes: int | HasChunkBytes, *, key: bytes | None = None
+    envelope: Envelope[AdapterUpdate], chunk_bytes: int | HasChunkBytes, *, key: bytes
 ) -> list[bytes]:
     """The messages of one update: one frame, or its ordered chunks, each signed with ``key`` (the
     client's key; the ingest refuses unsigned chunks). ``chunk_bytes``: a size, or settings carrying one."""

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +66,21 @@ class Attacks:
             code = str(response.json()["error"]["code"])
         observed = f"{response.status_code} {code}".strip()
         self.add(name, group, "/".join(map(str, allowed)), observed, response.status_code in allowed)
+
+    async def http_or_reset(
+        self, name: str, group: str, request: Awaitable[httpx.Response], *allowed: int
+    ) -> None:
+        """Like :meth:`http` for a request whose oversized body the server refuses before reading it: the
+        server answers and closes with the rest of the body unread, and the TCP reset that follows can
+        reach the client before the answer does (a client that sends ``Expect: 100-continue`` sees the
+        answer). Either way nothing was read: a reset counts as refused."""
+        try:
+            response = await request
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as err:
+            expected = "/".join(map(str, allowed)) + " (or reset)"
+            self.add(name, group, expected, f"reset ({type(err).__name__})", True)
+            return
+        self.http(name, group, response, *allowed)
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
@@ -259,15 +275,17 @@ async def ingest(rig: Rig, out: Attacks, a: Device, b: Device, hog: Device) -> N
     )
     out.http("ingest_garbage_frame", "ingest", await rig.post_update(fed, b"\x00garbage" * 100, a.token), 400)
     limit = rig.settings.kafka_max_message_bytes
-    out.http(
-        "ingest_oversized_declared", "ingest", await rig.post_update(fed, b"\x00" * (limit + 1), a.token), 413
+    await out.http_or_reset(
+        "ingest_oversized_declared", "ingest", rig.post_update(fed, b"\x00" * (limit + 1), a.token), 413
     )
 
     async def stream() -> Any:
         for _ in range(limit // 65536 + 2):
             yield b"\x00" * 65536
 
-    out.http("ingest_oversized_streamed", "ingest", await rig.post_update(fed, stream(), a.token), 413)
+    await out.http_or_reset(
+        "ingest_oversized_streamed", "ingest", rig.post_update(fed, stream(), a.token), 413
+    )
     # per-client byte quota: the hog sends (garbage) bodies just under the message cap until refused
     statuses = []
     for _ in range(64):

@@ -278,9 +278,12 @@ async def test_half_created_federation_does_not_stop_the_aggregator(
         await send(producer, pfi_settings, [encode_frame(client.update(delta(shapes, 12)))], spec.name)
         await wait_version(store, spec.name, 1)
         records = await dead_letters(pfi_settings, 2, settle=0.5)
-        assert [r.reason for r in records] == [RejectReason.FEDERATION_UNAVAILABLE] * 2
+        # Dead letters of a federation without a runtime are at least once: when the consumer is re-seeked
+        # before the watermark moved (a rebalance of a loaded machine), they are read and refused again.
+        assert len(records) >= 2
+        assert {r.reason for r in records} == {RejectReason.FEDERATION_UNAVAILABLE}
         assert {r.federation for r in records} == {broken.name}
-        assert sample(agg, REJECTED, federation=broken.name, reason="federation_unavailable") == 2
+        assert sample(agg, REJECTED, federation=broken.name, reason="federation_unavailable") == len(records)
         assert sample(agg, "pfi_aggregator_federation_load_failures_total", federation=broken.name) == 1
         assert not agg.stopping.is_set()
 

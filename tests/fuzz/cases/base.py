@@ -169,7 +169,7 @@ class GeneratorBase:
         self, category: str, variant: str, envelope: Envelope[Any], reason: RejectReason
     ) -> Case:
         """An SDK-sent update whose every message (chunk) is refused on arrival with ``reason``."""
-        n = len(update_messages(envelope, self.sdk_settings()))
+        n = len(update_messages(envelope, self.sdk_settings(), key=bytes(32)))  # only the count matters
         return Case(
             category,
             variant,
