@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from clients.credentials import Credential, credential_path, load_credential, save_credential
+from clients.http_errors import error_text
 from clients.settings import EdgeSettings
 from schemas.errors import ConfigError, PFIError
 
@@ -45,17 +46,6 @@ def make_proof(key: bytes, federation: str, client_id: str, unix: int | None = N
     return f"{unix}.{hmac.new(key, message, hashlib.sha256).hexdigest()}"
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            return f"{error.get('code')}: {error.get('message')}"
-    except ValueError:
-        pass
-    return response.text[:300]
-
-
 async def _post(client: httpx.AsyncClient, url: str, what: str, **kw: Any) -> dict[str, Any]:
     try:
         response = await client.post(url, **kw)
@@ -63,7 +53,7 @@ async def _post(client: httpx.AsyncClient, url: str, what: str, **kw: Any) -> di
         raise EnrollmentError(f"{what}: {type(err).__name__}: {err}") from None
     if response.status_code >= 400:
         raise EnrollmentError(
-            f"{what}: HTTP {response.status_code} {_error_text(response)}", response.status_code
+            f"{what}: HTTP {response.status_code} {error_text(response)}", response.status_code
         )
     try:
         body = response.json()

@@ -18,21 +18,11 @@ from typing import Any
 import httpx
 import torch
 
+from clients.http_errors import error_text
 from clients.source import GlobalAdapter, GlobalSource, SourceError
 from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec, TensorEncoding
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            return f"{error.get('code')}: {error.get('message')}"
-    except ValueError:
-        pass
-    return response.text[:300]
 
 
 class HttpError(SourceError):
@@ -45,7 +35,7 @@ class HttpError(SourceError):
 
 def _check(response: httpx.Response, what: str) -> None:
     if response.status_code >= 400:
-        raise HttpError(f"{what}: HTTP {response.status_code} {_message(response)}", response.status_code)
+        raise HttpError(f"{what}: HTTP {response.status_code} {error_text(response)}", response.status_code)
 
 
 TokenSource = Callable[[], Awaitable[str]]

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from clients.http_errors import error_text
 from clients.outbox import RejectedUpdate
 from schemas.errors import PFIError
 
@@ -39,17 +40,6 @@ class UploadError(PFIError):
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
-
-
-def _describe(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            return f"{error.get('code')}: {error.get('message')}"
-    except ValueError:
-        pass
-    return response.text[:200]
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -109,7 +99,7 @@ class HttpUpdateSender:
             except ValueError:
                 body = {}
             return body
-        text = f"HTTP {status} {_describe(response)}"
+        text = f"HTTP {status} {error_text(response)}"
         if status in RETRYABLE_4XX or status >= 500:
             retry = _retry_after(response)
             self.last_retry_after_s = retry

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -140,19 +141,15 @@ class PersonalizationService:
         for task in [*self._tasks, *([self._preload] if self._preload else [])]:
             if not task.done():
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _bounded(f"task {task.get_name()}", task)
         self._tasks.clear()
         for close in reversed(self._closers):
-            try:
-                await close()
-            except Exception:
-                log.exception("closing %r failed", close)
+            await _bounded(f"closer {close!r}", close())
         if self._engine is not None:
-            await self._engine.close()
+            await _bounded("the engine", self._engine.close())
         for client in (self._redis, self._sub_redis):
             if client is not None:
-                await client.aclose()
+                await _bounded("a Redis client", client.aclose())
         torch.set_num_threads(self._torch_threads)
         log.info("personalization service stopped")
 
@@ -204,3 +201,22 @@ class PersonalizationService:
             )
         ok = all(v == "ok" or v.startswith("ok ") for v in checks.values())
         return ok, checks
+
+
+STOP_STEP_TIMEOUT_S = 10.0
+
+
+async def _bounded(what: str, step: Awaitable[Any]) -> None:
+    """One step of the shutdown, never longer than :data:`STOP_STEP_TIMEOUT_S`: a step that hangs (a
+    library that ignores a cancellation, a thread that does not finish) is logged by name and skipped, so
+    that a SIGTERM always ends the process within the pod's grace period."""
+    try:
+        await asyncio.wait_for(step, STOP_STEP_TIMEOUT_S)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the shutdown itself is being cancelled; a cancelled step is expected
+    except TimeoutError:
+        log.error("shutdown: %s did not finish within %.0fs; going on", what, STOP_STEP_TIMEOUT_S)
+    except Exception:
+        log.exception("shutdown: %s failed", what)
