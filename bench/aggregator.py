@@ -118,8 +118,8 @@ def _settings(base: PFISettings, point: SizePoint, chunk_bytes: int | None) -> P
 
 
 async def _setup(settings: PFISettings, point: SizePoint, spec: FederationSpec, master: bytes) -> None:
+    from modeling.lora import StateDict
     from services.aggregator.runtime import empty_like
-    from services.aggregator.validation import StateDict
 
     await ensure_topics(settings)
     redis = Redis.from_url(settings.redis())

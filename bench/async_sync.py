@@ -1,9 +1,9 @@
 """``pfi bench async-sync``: time to the same loss, async FedBuff vs sync FedAvg on heterogeneous devices.
 
-It runs the demo's machinery (:mod:`services.demo.simulation`): real training of every update, real
-Kafka, the real ``pfi aggregator`` and ``pfi serve`` processes, and a discrete-event virtual clock for
-device time (client ``i`` is ``m_i ~ lognormal(0, sigma)`` times slower than nominal; identical in
-every run). Three federations on the same users, data, seeds and v0:
+It runs the demo's machinery (:mod:`sim.virtual`, the fleet simulator on its virtual clock): real
+training of every update, real Kafka, the real ``pfi aggregator`` and ``pfi serve`` processes, and a
+discrete-event virtual clock for device time (client ``i`` is ``m_i ~ lognormal(0, sigma)`` times
+slower than nominal; identical in every run). Three federations on the same users, data, seeds and v0:
 
 * ``sync`` -- FedAvg, every client in every round (K = clients): a round lasts as long as the slowest
   client. The same concurrency as the async run (every client is always training).
@@ -42,14 +42,16 @@ from bench.common import (
     save_with_plot,
     say,
 )
+from demo import evaluation
+from demo.config import DemoConfig
+from demo.runner import Demo, _quiet_libraries
 from modeling.base import TINY_LLAMA, load_base_model
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
-from services.demo import evaluation
-from services.demo.config import DemoConfig
-from services.demo.runner import Demo, _quiet_libraries
-from services.demo.simulation import CurvePoint, DeviceModel, FleetRunner, RunResult, first_at
 from services.federation.admin import create_federation
 from services.store.versions import VersionStore
+from sim.devices import DeviceModel
+from sim.results import CurvePoint, RunResult, first_at
+from sim.virtual import FleetRunner
 
 SUMMARY = "time to the same loss: async FedBuff vs sync FedAvg (all clients, and K sampled)"
 NAME = "async-sync"

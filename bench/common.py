@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,12 +60,6 @@ def meets(value: float, goal: str) -> bool:
     if op == "<=":
         return value <= float(bound)
     raise BenchError(f"goal {goal!r} is not '>= x' or '<= x'")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def say(line: str) -> None:

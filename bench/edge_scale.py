@@ -26,18 +26,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import drop_federation
-from schemas.errors import PFIError
+from bench.common import BenchError, drop_federation
 from services.settings import PFISettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "edge-scale.json"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"
 MIB = 1024 * 1024
-
-
-class BenchError(PFIError):
-    """A benchmark run failed."""
 
 
 def _synthetic_users(directory: Path, users: int = 64) -> Path:

@@ -24,8 +24,8 @@ from modeling.blobs import BLOB_ENCODING
 from modeling.lora import peft_config
 from schemas.codec import decode_tensors, encode_tensors
 from schemas.events import FederationSpec
+from services.personalization.backends.torch_slots.stacks import merge_global
 from services.personalization.harness import serving
-from services.personalization.stacks import merge_global
 from services.settings import PFISettings, ServeSettings
 from services.store import keys
 

@@ -40,12 +40,12 @@ from clients.updates import build_update
 from modeling.base import TINY_LLAMA
 from modeling.blobs import BLOB_ENCODING
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
-from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.federation.admin import create_federation, federation_status
 from services.identity import ClientRegistry
 from services.ingest.producer import UpdateProducer
 from services.personalization.auth import TokenSigner
 from services.settings import PFISettings
+from services.stack.processes import ServiceProcess, child_env, free_port, pfi_command, rss_bytes
 from services.stack.topics import delete_topics, ensure_topics
 from services.store.versions import VersionStore
 
@@ -53,13 +53,6 @@ SUMMARY = "steady update rate for --minutes: RSS growth of each service, lag"
 NAME = "soak"
 GOALS = {"rss_growth_aggregator": "<= 0.1", "rss_growth_serve": "<= 0.1"}
 LAG_METRIC = "pfi_aggregator_consumer_lag_messages"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 def metric_sum(text: str, name: str) -> float:

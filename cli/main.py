@@ -1,5 +1,6 @@
-"""``pfi``: the services' command groups (:mod:`services.cli`), the edge SDK's (``pfi edge run | flush``),
-the harnesses' (``pfi edge simulate``, ``pfi bench``). ``python -m cli.main`` is the same as ``pfi``."""
+"""``pfi``: the services' command groups (:mod:`services.cli`), the edge SDK's (``pfi edge run |
+flush``), the harnesses' (``pfi edge simulate``, ``pfi demo``, ``pfi bench``). ``python -m cli.main`` is
+the same as ``pfi``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 
 from services.cli import COMMAND_MODULES, import_optional, new_parser, run
 
-#: Groups of the edge SDK and the harnesses, after the services' ones.
-EXTRA_MODULES = ("bench.commands",)
+#: Groups of the harnesses, after the services' and the edge SDK's (absent ones are skipped: the
+#: service image holds neither the demo nor the benchmarks).
+EXTRA_MODULES = ("demo.commands", "bench.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

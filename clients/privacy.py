@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from modeling.lora import StateDict
 from schemas.codec import state_l2_norm
 from schemas.errors import ConfigError
 from schemas.events import DPMetadata
-
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

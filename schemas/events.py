@@ -74,7 +74,9 @@ class AggregationSpec(StrictModel):
         default=1, ge=1, description="fewest updates a timed-out flush commits (robust combiners: >= 3)"
     )
     server_lr: float = Field(default=1.0, gt=0)
-    server_optimizer: Literal["none", "momentum", "adam"] = "none"
+    # This and ``robust`` name the aggregator's registered strategies (services/aggregator/math/strategies/):
+    # schemas/ cannot import services/, so a new strategy adds its name here too (a unit test checks).
+    server_optimizer: Literal["none", "momentum", "adam", "yogi"] = "none"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(default=0.99, ge=0.0, lt=1.0)

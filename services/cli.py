@@ -26,7 +26,6 @@ COMMAND_MODULES = (
     "services.identity.commands",
     "services.aggregator.commands",
     "services.personalization.commands",
-    "services.demo.commands",
 )
 
 

@@ -191,6 +191,10 @@ class ServeSettings(BaseSettings):
     request_timeout_s: float = Field(default=60.0, gt=0)
     max_batch: int = Field(default=16, ge=1, description="rows (and distinct personal adapters) per batch")
     max_batch_tokens: int = Field(default=16_384, ge=1, description="padded tokens per batch")
+    backend: str = Field(
+        default="torch-slots",
+        description="serving backend (services/personalization/backends): torch-slots",
+    )
     adapter_slots: int = Field(
         default=8, ge=1, description="personal adapter slots per merged copy (distinct adapters per batch)"
     )

@@ -44,7 +44,8 @@ def register_edge(edge_sub: Any) -> None:
 
 
 def _simulate_command(args: argparse.Namespace) -> int:
-    from sim.fleet import SimulationConfig, parse_speed_dist, simulate
+    from sim.devices import parse_speed_dist
+    from sim.fleet import SimulationConfig, simulate
 
     quiet_library_warnings()
     settings, edge = PFISettings(), EdgeSettings()

@@ -11,7 +11,9 @@ client; per client there is only its personal adapter (in memory, or on disk wit
 key and a reference to its user's text. Training runs on a single worker thread (the trainer serializes
 anyway), so the event loop stays free for Kafka and Redis.
 
-Heterogeneity, per virtual client, from seeded RNGs:
+This is the simulator on the wall clock (:class:`~sim.clock.WallClock`); :mod:`sim.virtual` runs the
+same device model (:mod:`sim.devices`) on a virtual clock. Heterogeneity, per virtual client, from
+seeded RNGs (:class:`~sim.devices.Device`):
 
 * **compute speed**: a multiplier ``m ~ lognormal(0, sigma)``; a round "takes" ``max(1, m) x
   measured training time``: the extra is slept (simulated slowness: the trainer is free for others meanwhile);
@@ -28,11 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
-import random
-import resource
 import statistics
 import tempfile
 import time
@@ -55,25 +53,12 @@ from schemas.signing import generate_key
 from services.identity.registry import ClientRegistry
 from services.ingest.producer import UpdateProducer
 from services.settings import PFISettings
+from services.stack.processes import peak_rss_bytes
+from sim.clock import WallClock
+from sim.devices import Device, train_seed
 from sim.source import VersionStoreSource
 
 log = logging.getLogger("pfi.edge.fleet")
-
-
-def parse_speed_dist(text: str) -> float:
-    """``lognormal:SIGMA`` gives SIGMA; ``constant`` (or ``lognormal:0``) gives 0."""
-    if text.strip() == "constant":
-        return 0.0
-    kind, _, value = text.partition(":")
-    if kind.strip() != "lognormal" or not value:
-        raise ConfigError(f"speed distribution {text!r}: use lognormal:SIGMA (lognormal:0.5) or constant")
-    try:
-        sigma = float(value)
-    except ValueError:
-        raise ConfigError(f"speed distribution {text!r}: SIGMA must be a number") from None
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ConfigError(f"speed distribution {text!r}: SIGMA must be >= 0")
-    return sigma
 
 
 @dataclass(frozen=True)
@@ -146,16 +131,6 @@ class SimulationSummary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _rng(*parts: object) -> random.Random:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
 async def fleet_keys(
     federation: str, client_ids: list[str], settings: PFISettings, redis: Redis
 ) -> dict[str, bytes]:
@@ -191,8 +166,7 @@ def _load_splits(cfg: SimulationConfig) -> dict[str, UserData]:
 class _Client:
     agent: EdgeAgent
     data: UserData
-    speed: float
-    rng: random.Random
+    device: Device
     rounds: int = 0
 
 
@@ -202,6 +176,7 @@ class _Fleet:
         self.summary = summary
         self.publisher = publisher
         self.stop = asyncio.Event()
+        self.clock = WallClock(self.stop)
         self.slot = asyncio.Semaphore(cfg.max_active)
         self.claimed = 0
         self.train_seconds: list[float] = []
@@ -211,13 +186,6 @@ class _Fleet:
         self.fatal: BaseException | None = None
         self.consecutive_failures = 0
         self.max_failures = cfg.max_failures if cfg.max_failures is not None else max(20, 2 * cfg.clients)
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep unless the run stops first."""
-        if seconds <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
 
     def claim(self) -> bool:
         if self.cfg.updates is not None and self.claimed >= self.cfg.updates:
@@ -239,24 +207,24 @@ class _Fleet:
             self.stop.set()
 
     async def run_client(self, client: _Client) -> None:
-        cfg = self.cfg
+        cfg, clock, device = self.cfg, self.clock, client.device
 
         async def pause(train_s: float) -> None:
-            slower = train_s * max(0.0, client.speed - 1.0)
-            await self.sleep(slower + client.rng.uniform(0.0, cfg.network_delay_s))
+            await clock.sleep(device.slowdown(train_s) + device.network_delay(cfg.network_delay_s))
 
-        await self.sleep(client.rng.uniform(0.0, cfg.network_delay_s))
+        await clock.sleep(device.network_delay(cfg.network_delay_s))
         while not self.stop.is_set():
-            if cfg.dropout > 0 and client.rng.random() < cfg.dropout:
+            offline = device.offline(cfg.dropout, cfg.offline_s)
+            if offline is not None:
                 self.summary.dropped += 1
-                await self.sleep(client.rng.expovariate(1.0 / cfg.offline_s) if cfg.offline_s > 0 else 0.0)
+                await clock.sleep(offline)
                 continue
             if not self.claim():
                 return
-            started = time.perf_counter()
-            train = replace(cfg.train, seed=(cfg.seed * 1_000_003 + client.rounds) & 0x7FFFFFFF)
+            started = clock.now()
+            train = replace(cfg.train, seed=train_seed(cfg.seed, client.rounds))
             try:
-                await self.sleep(client.rng.uniform(0.0, cfg.network_delay_s))
+                await clock.sleep(device.network_delay(cfg.network_delay_s))
                 result = await client.agent.run_round(client.data, train, train_slot=self.slot, pause=pause)
             except SpecMismatchError as err:
                 self.claimed -= 1
@@ -267,24 +235,24 @@ class _Fleet:
             except OutboxFull as err:
                 self.claimed -= 1
                 self.error(err)
-                await self.sleep(max(self.publisher.backing_off(), 1.0))
+                await clock.sleep(max(self.publisher.backing_off(), 1.0))
                 continue
             except (PFIError, OSError) as err:
                 self.claimed -= 1
                 self.error(err)
-                await self.sleep(1.0)
+                await clock.sleep(1.0)
                 continue
             except Exception as err:  # a bug or a library error: count it, keep the fleet going
                 log.exception("virtual client %s: round failed", client.agent.client_id)
                 self.claimed -= 1
                 self.error(err)
-                await self.sleep(1.0)
+                await clock.sleep(1.0)
                 continue
             client.rounds += 1
             self.consecutive_failures = 0
             self.summary.rounds += 1
             self.train_seconds.append(result.train_seconds)
-            self.round_seconds.append(time.perf_counter() - started)
+            self.round_seconds.append(clock.now() - started)
             self.loss_before.append(result.loss_before)
             self.loss_after.append(result.loss_after)
             self.summary.bytes_sent += result.message_bytes
@@ -359,8 +327,7 @@ async def simulate(
         clients: list[_Client] = []
         for i, client_id in enumerate(client_ids):
             split = splits[users[i % len(users)]]
-            rng = _rng("fleet", cfg.seed, i)
-            speed = rng.lognormvariate(0.0, cfg.speed_sigma) if cfg.speed_sigma > 0 else 1.0
+            device = Device.build(cfg.seed, i, cfg.speed_sigma)
             agent = EdgeAgent(
                 cfg.federation,
                 client_id,
@@ -377,7 +344,7 @@ async def simulate(
                 edge_settings=edge,
             )
             data = UserData(client_id, split.train_text, split.heldout_text)  # text shared, id per client
-            clients.append(_Client(agent, data, speed, rng))
+            clients.append(_Client(agent, data, device))
         summary.setup_s = time.perf_counter() - setup_started
 
         total = float(cfg.updates) if cfg.updates is not None else cfg.duration_s
@@ -385,11 +352,12 @@ async def simulate(
         progress = Progress(
             desc=f"simulate {cfg.clients} clients", total=total, unit=unit, enabled=cfg.progress
         )
-        started = time.perf_counter()
+        clock = fleet.clock
+        clock.start()
         tasks = [asyncio.create_task(fleet.run_client(c)) for c in clients]
 
         def report() -> None:
-            elapsed = time.perf_counter() - started
+            elapsed = clock.now()
             position = float(publisher.sent_total) if cfg.updates is not None else min(elapsed, total or 0)
             progress.update(
                 position,
@@ -399,12 +367,11 @@ async def simulate(
                 rate=f"{publisher.sent_total / max(elapsed, 1e-9):.1f}/s",
             )
 
-        deadline = started + cfg.duration_s if cfg.duration_s is not None else None
         try:
             while not fleet.stop.is_set():
                 if all(t.done() for t in tasks) or fleet.done():
                     break
-                if deadline is not None and time.perf_counter() >= deadline:
+                if cfg.duration_s is not None and clock.now() >= cfg.duration_s:
                     break
                 report()
                 await asyncio.sleep(0.25)
@@ -426,7 +393,7 @@ async def simulate(
         if fleet.fatal is not None:
             raise fleet.fatal
 
-        summary.duration_s = time.perf_counter() - started
+        summary.duration_s = clock.now()
         summary.published = publisher.sent_total
         summary.queued = len(outbox)
         summary.updates_per_s = summary.published / summary.duration_s if summary.duration_s > 0 else 0.0

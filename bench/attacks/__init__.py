@@ -2,8 +2,11 @@
 and ``pfi serve`` processes on the local stack (Kafka with SASL/SCRAM + ACLs, Redis).
 
 * :mod:`bench.attacks.rig`: the processes, federations, enrolled devices, raw Kafka and HTTP access;
-* :mod:`bench.attacks.scenarios`: the attacks (transport, identity, ingest, chunks, weighting, poison,
-  serving flood) and the exactly-once audit of the honest updates;
+* :mod:`bench.attacks.shared`: the result rows, forged chunks and the exactly-once audit of the honest
+  updates;
+* the attacks: :mod:`bench.attacks.access` (transport, identity), :mod:`bench.attacks.ingest`,
+  :mod:`bench.attacks.aggregator` (chunks, weighting, poison, ids, broken federations) and
+  :mod:`bench.attacks.serving` (malformed JSON, flood);
 * :mod:`bench.attacks.command`: options, the table and the JSON result.
 """
 

@@ -16,7 +16,7 @@ import json
 import time
 from typing import Any
 
-from bench.attacks import scenarios
+from bench.attacks import access, aggregator, ingest, serving, shared
 from bench.attacks.rig import Rig, new_workdir
 from bench.common import BenchError, ratio_lines, say, write_result
 
@@ -34,7 +34,7 @@ FULL = {"rounds": 6, "weight_rounds": 10, "fake_uploads": 50, "flood_bodies": 20
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     rig = Rig(new_workdir(args.workdir))
-    out = scenarios.Attacks()
+    out = shared.Attacks()
     began = time.monotonic()
     weighting: dict[str, Any] = {}
     flood: dict[str, Any] = {}
@@ -53,30 +53,30 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         (w_attacker,) = await rig.enroll_many(rig.weights, ["winflator"])
 
         say("transport (Kafka SASL/ACLs)")
-        await scenarios.transport(rig, out)
+        await access.transport(rig, out)
         say("identity (tokens, scopes, revocation)")
-        await scenarios.identity(rig, out, honest, doomed)
+        await access.identity(rig, out, honest, doomed)
         say("ingest route")
-        await scenarios.ingest(rig, out, honest[0], honest[1], hog)
-        await scenarios.malformed_json(rig, out)
+        await ingest.ingest(rig, out, honest[0], honest[1], hog)
+        await serving.malformed_json(rig, out)
         say("honest traffic")
         for r in range(args.rounds):
             await rig.honest_round(honest, seed=r + 1)
         say("chunks (forged chunks, fake uploads)")
-        await scenarios.forged_chunks(rig, out, honest[0], attacker)
-        await scenarios.fake_uploads(rig, out, honest[1], args.fake_uploads, args.fake_upload_mib * 2**20)
+        await aggregator.forged_chunks(rig, out, honest[0], attacker)
+        await aggregator.fake_uploads(rig, out, honest[1], args.fake_uploads, args.fake_upload_mib * 2**20)
         say("update ids, buffer filling, poison, broken federations")
-        await scenarios.squat(rig, out, honest[2], squatter)
-        await scenarios.buffer_fill(rig, out, flooder, honest, main.aggregation.buffer_size)
-        await scenarios.huge_values(rig, out, bomber, honest)
-        await scenarios.broken_federations(rig, out, attacker, honest)
+        await aggregator.squat(rig, out, honest[2], squatter)
+        await aggregator.buffer_fill(rig, out, flooder, honest, main.aggregation.buffer_size)
+        await aggregator.huge_values(rig, out, bomber, honest)
+        await aggregator.broken_federations(rig, out, attacker, honest)
         say(f"weight inflation ({args.weight_rounds} versions of 3 honest + 1 attacker)")
-        weighting = await scenarios.weight_inflation(rig, out, w_honest, w_attacker, args.weight_rounds)
+        weighting = await aggregator.weight_inflation(rig, out, w_honest, w_attacker, args.weight_rounds)
         say(f"flood: {args.flood_bodies} x {args.flood_mib} MiB unauthenticated bodies")
-        flood = await scenarios.flood(rig, out, args.flood_bodies, args.flood_mib, args.flood_concurrency)
+        flood = await serving.flood(rig, out, args.flood_bodies, args.flood_mib, args.flood_concurrency)
         say("final honest round and the exactly-once audit")
         await rig.honest_round(honest, seed=999)
-        audit = await scenarios.audit(rig)
+        audit = await shared.audit(rig)
     finally:
         exits = dict(rig.poll_exits())
         codes = await rig.close()

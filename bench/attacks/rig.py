@@ -43,11 +43,11 @@ from schemas.events import (
 )
 from schemas.frame import decode_frame
 from schemas.records import VersionMeta
-from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.federation.admin import create_federation
 from services.identity import Enrollment
 from services.personalization.auth import TokenSigner
 from services.settings import PFISettings
+from services.stack.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.stack.topics import delete_topics, ensure_topics, producer_limits
 from services.store.versions import VersionStore
 from services.transport import kafka_kwargs
@@ -117,13 +117,6 @@ def random_delta(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 0
 
 def l2(state: StateDict) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in state.values()))
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Real ``pfi aggregator`` OS processes for crash, rebalance and chaos runs (moved here from
 ``tests/support/processes.py`` so that ``pfi bench chaos`` can use them too).
 
-* :class:`AggregatorProcess`: one ``pfi aggregator`` subprocess in its own session, configured only through
-  the environment (``PFI_*`` from a :class:`PFISettings`, ``PFI_AGGREGATOR_*`` overrides), stdout and
-  stderr captured to a log file; ``kill9`` / ``terminate`` / ``wait_assigned`` / ``metrics``.
+* :class:`AggregatorProcess`: one ``pfi aggregator`` subprocess, a
+  :class:`~services.stack.processes.ServiceProcess` (the process harness shared with the stack, the demo
+  and the benchmarks) configured only through the environment (``PFI_*`` from a :class:`PFISettings`,
+  ``PFI_AGGREGATOR_*`` overrides), stdout and stderr captured to a log file; ``kill9`` / ``terminate``
+  (from the harness), ``wait_assigned`` / ``metrics`` (here).
 * :func:`aggregator_fleet`: an async context manager that starts processes on demand and, however the
   caller ends, kills every one still alive and prints the tail of each log.
 * :func:`names_on_partitions`: federation names whose Kafka key lands on chosen partitions (murmur2,
@@ -17,30 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import signal
-import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka.partitioner import murmur2
 
 from bench.common import BenchError
-from services.demo.processes import child_env, die_with_parent, pfi_command
 from services.settings import PFISettings
+from services.stack.processes import REPO_ROOT, ServiceProcess, child_env, pfi_command
 
 
 class ChaosError(BenchError, AssertionError):
     """A chaos run could not proceed (a process did not start, log, or stop in time)."""
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 #: Fast failure detection for tests: the broker's minimum session timeout is 6 s by default.
 FAST_GROUP = {
@@ -65,47 +63,17 @@ def aggregator_command() -> list[str]:
     return pfi_command("aggregator")
 
 
-@dataclass
-class AggregatorProcess:
-    """One ``pfi aggregator`` (or other ``pfi``) subprocess; its output goes to ``log_path``."""
+class AggregatorProcess(ServiceProcess):
+    """One ``pfi aggregator`` (or other ``pfi``) subprocess (:class:`ServiceProcess`: own session, output
+    to ``log_path``, ``kill9`` / ``terminate``); here what a chaos run reads from its log."""
 
-    name: str
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    exit_signal: str | None = None  # how we ended it: "SIGKILL", "SIGTERM"
-    _log_file: Any = field(default=None, repr=False)
-    command: list[str] = field(default_factory=aggregator_command)  # any ``pfi`` command (serve, ...)
+    def __init__(
+        self, name: str, env: dict[str, str], log_path: Path, *, command: list[str] | None = None
+    ) -> None:
+        super().__init__(name, command if command is not None else aggregator_command(), env, log_path)
 
-    def start(self) -> AggregatorProcess:
-        self._log_file = self.log_path.open("ab")
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # signals go to it alone, never to pytest
-            preexec_fn=die_with_parent,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def failure(self, message: str) -> Exception:
+        return ChaosError(message)
 
     # -- observing ----------------------------------------------------------------------------
     def assignments(self) -> list[list[int]]:
@@ -178,56 +146,6 @@ class AggregatorProcess:
             with contextlib.suppress(ValueError):
                 out[key] = float(value)
         return out
-
-    # -- ending -------------------------------------------------------------------------------
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def kill9(self) -> None:
-        """SIGKILL (no shutdown code runs) and reap."""
-        if self.alive():
-            assert self.proc is not None
-            self.exit_signal = "SIGKILL"
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
-        self._reap(10.0)
-
-    async def terminate(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
-        """SIGTERM (graceful shutdown) and wait for the exit; SIGKILL if it does not come."""
-        assert self.proc is not None
-        if self.alive():
-            self.exit_signal = "SIGTERM"
-            self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.alive() or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        if self.alive():
-            self.kill9()
-            raise ChaosError(f"{self.name} ignored SIGTERM for {timeout:.0f}s (killed)")
-        self._reap(1.0)
-        code = self.returncode()
-        assert code is not None
-        return code
-
-    def _reap(self, timeout: float) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def describe(self, tail_lines: int = 150) -> str:
-        lines = self.log_text().splitlines()
-        shown = lines[-tail_lines:]
-        head = (
-            f"===== {self.name} pid={self.proc.pid if self.proc else None} rc={self.returncode()} "
-            f"ended_by={self.exit_signal} log={self.log_path} ({len(lines)} lines"
-            f"{', last ' + str(len(shown)) if len(shown) < len(lines) else ''}) ====="
-        )
-        return "\n".join([head, *shown])
 
 
 class AggregatorFleet:

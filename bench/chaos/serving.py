@@ -25,9 +25,9 @@ from bench.chaos.stack import ChaosStack
 from modeling.blobs import BLOB_ENCODING
 from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
-from services.demo.processes import free_ports, pfi_command
 from services.federation.admin import commit_state
 from services.personalization.auth import TokenSigner
+from services.stack.processes import free_ports, pfi_command
 from services.store.versions import VersionStore
 
 Echo = Callable[[str], None]
@@ -199,7 +199,7 @@ async def kill9_serve(
         for proc in processes:
             if proc.alive():
                 with contextlib.suppress(Exception):
-                    await proc.terminate(timeout=30)
+                    await proc.terminate(timeout_s=30)
             proc.kill9()
         await redis.aclose()
         result.elapsed_s = time.monotonic() - started

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.demo.processes import free_ports
 from services.settings import PFISettings
 from services.stack import manager
+from services.stack.processes import free_ports
 from services.stack.topics import ensure_topics
 
 Echo = Callable[[str], None]

@@ -2,9 +2,9 @@
 
 * ``k8s/base/app/prometheusrule.yaml``: the PrometheusRule wrapping ``k8s/prometheus/pfi.rules.yaml``
   (the plain rules file is the source; promtool tests and the live Prometheus test load it).
-* ``k8s/base/grafana/dashboards/*.json``: the Grafana dashboards, built from the compact panel lists
-  in :mod:`dashboards` (scripts/ops/dashboards.py) so that every panel gets the same datasource
-  variable, units, legends and layout rules.
+* ``k8s/base/grafana/dashboards/*.json``: the Grafana dashboards, built from their panel lists (data,
+  scripts/ops/panels/, listed by :mod:`dashboards`) by the renderer of scripts/ops/grafana.py so that
+  every panel gets the same datasource variable, units, legends and layout rules.
 
 Usage::
 

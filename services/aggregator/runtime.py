@@ -34,13 +34,14 @@ from typing import Any
 
 import torch
 
+from modeling.lora import StateDict
 from schemas.chunking import Reassembler
 from schemas.errors import RejectedInput, RejectReason
 from schemas.events import AdapterUpdate, Envelope, FederationSpec, make_envelope
 from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, UpdateBuffer
 from services.aggregator.math.privacy import RdpAccountant
 from services.aggregator.math.server_optimizer import ServerOptState
-from services.aggregator.validation import FederationView, StateDict, ValidUpdate, staleness_of
+from services.aggregator.validation import FederationView, ValidUpdate, staleness_of
 from services.store.keys import hwm_field, offset_field
 
 Position = tuple[int, int]  # (partition, offset)

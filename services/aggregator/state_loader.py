@@ -25,6 +25,7 @@ from schemas.codec import decode_tensors
 from schemas.errors import RejectedInput, RejectReason
 from services.aggregator.math.privacy import RdpAccountant
 from services.aggregator.math.server_optimizer import ServerOptState
+from services.aggregator.math.strategies import check_spec
 from services.aggregator.runtime import FederationRuntime, PartitionMarks, Position, build_lineage
 from services.settings import PFISettings
 from services.store.keys import hwm_field, offset_field
@@ -94,6 +95,7 @@ class StateLoader:
         spec = await self.store.get_spec(name)
         if spec is None:
             return None
+        check_spec(spec.aggregation)  # strategies the registry lacks or refuses: unavailable, with why
         latest, head = await self.store.pointers(name)
         if latest is None or head is None:
             raise StoreError(f"federation {name!r} has a spec but no version (half-created?)")

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
+from modeling.lora import StateDict as StateDict  # re-exported (bench); defined once, in modeling.lora
 from schemas.codec import decode_tensors
 from schemas.errors import RejectedInput, RejectReason
 from schemas.events import AdapterUpdate, AggregationSpec, Envelope, FederationSpec
 from schemas.signing import KeyStore, verify_update
 from services.aggregator.math.lora_modes import project_delta
 from services.aggregator.math.robust import clip_scale, l2_norm
-
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

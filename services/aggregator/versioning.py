@@ -13,7 +13,6 @@ Kafka, memory) keeps the resync-and-replay path. After a commit, parked updates 
 
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 import time
@@ -24,16 +23,17 @@ from typing import Any
 import torch
 
 from modeling.blobs import BLOB_ENCODING
+from modeling.lora import StateDict
 from schemas.codec import encode_tensors, sha256_hex
 from schemas.errors import PFIError, RejectedInput, RejectReason
 from schemas.events import AggregationSpec, GlobalVersionPublished, utcnow
 from schemas.records import UpdateContribution, VersionMeta
 from services.aggregator.math.fedbuff import AggregationResult, BufferedUpdate, aggregate
 from services.aggregator.math.server_optimizer import ServerOptState
+from services.aggregator.math.strategies.gaussian_dp import account
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import BufferedInfo, FederationRuntime
-from services.aggregator.validation import StateDict
 from services.store.keys import seen_member
 from services.store.versions import NotReplicated, VersionCommit, VersionStore
 
@@ -100,12 +100,7 @@ class VersionWriter:
             runtime.restore_buffer(taken, refuse)
             log.warning("%s: fold failed (%s); isolated %s", runtime.name, err, sorted(poisoned))
             raise PoisonedUpdates(sorted(poisoned), str(err)) from err
-        accountant = runtime.accountant
-        epsilon: float | None = None
-        if agg.dp_noise_multiplier > 0:
-            accountant = copy.deepcopy(runtime.accountant)
-            accountant.step(agg.dp_noise_multiplier)
-            epsilon = accountant.epsilon(agg.dp_delta)
+        accountant, epsilon = account(runtime.accountant, agg)  # the DP wrapper's privacy spent
         version = runtime.head + 1
         meta = VersionMeta(
             federation=runtime.name,

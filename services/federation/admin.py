@@ -15,6 +15,7 @@ from schemas.codec import encode_tensors, sha256_hex
 from schemas.errors import ConfigError
 from schemas.events import Envelope, FederationSpec, GlobalVersionPublished, make_envelope, utcnow
 from schemas.records import VersionMeta
+from services.aggregator.math.strategies import check_spec
 from services.store.versions import StoreError, UnknownFederation, VersionCommit, VersionStore
 
 SOURCE = "pfi://admin"
@@ -24,6 +25,7 @@ async def create_federation(store: VersionStore, spec: FederationSpec) -> Versio
     """Store the spec and the seeded v0 adapter (PEFT initialization) in one atomic step: the base model
     is loaded and v0 computed before anything is written, so a failure leaves nothing behind. Refuses
     an existing name (:class:`ConfigError`)."""
+    _check_strategies(spec)  # fail fast, before loading the model
     if await store.get_spec(spec.name) is not None and await store.latest(spec.name) is not None:
         raise ConfigError(f"federation {spec.name!r} already exists")  # fail fast, before loading the model
     base = await asyncio.to_thread(load_base_model, spec.base_model)
@@ -35,6 +37,7 @@ async def create_with_state(
     store: VersionStore, spec: FederationSpec, state: dict[str, torch.Tensor], *, source: str = SOURCE
 ) -> VersionMeta:
     """Create a federation whose v0 is ``state`` (spec + v0 atomically; see :func:`create_federation`)."""
+    _check_strategies(spec)
     blob = await asyncio.to_thread(encode_tensors, state, BLOB_ENCODING)
     meta, envelope = _version_records(spec, 0, None, blob, source)
     try:
@@ -42,6 +45,15 @@ async def create_with_state(
     except StoreError as err:
         raise ConfigError(f"federation {spec.name!r}: {err}") from None
     return meta
+
+
+def _check_strategies(spec: FederationSpec) -> None:
+    """:class:`ConfigError` unless the aggregator's strategy registry has and accepts the spec's combiner
+    and server optimizer (``services.aggregator.math.strategies.check_spec``)."""
+    try:
+        check_spec(spec.aggregation)
+    except ValueError as err:
+        raise ConfigError(f"federation {spec.name!r}: {err}") from None
 
 
 def _version_records(

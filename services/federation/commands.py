@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from schemas.errors import ConfigError
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
@@ -147,6 +147,11 @@ def _pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_names(field: str) -> list[str]:
+    """The names an aggregation field accepts: the aggregator's registered strategies (see the spec)."""
+    return list(get_args(AggregationSpec.model_fields[field].annotation))
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fed = subparsers.add_parser("federation", help="create, list, inspect and roll back federations")
     sub = fed.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -165,8 +170,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--lora-mode", choices=["fedit", "ffa"])
     create.add_argument("--staleness", choices=["constant", "polynomial", "hinge"])
     create.add_argument("--max-staleness", type=int)
-    create.add_argument("--server-optimizer", choices=["none", "momentum", "adam"])
-    create.add_argument("--robust", choices=["none", "trimmed_mean", "median"])
+    create.add_argument("--server-optimizer", choices=_spec_names("server_optimizer"))
+    create.add_argument("--robust", choices=_spec_names("robust"))
     create.set_defaults(func=_create)
     lst = sub.add_parser("list", help="list federations")
     lst.add_argument("--json", action="store_true")

@@ -13,7 +13,6 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 from redis.asyncio import Redis
 
@@ -21,6 +20,7 @@ from schemas.errors import ConfigError, PFIError
 from schemas.signing import generate_key
 from services.identity.registry import ClientRegistry, check_client_id, check_federation
 from services.store import keys as rk
+from services.store.scripts import lua
 
 PREFIX = "pfe1"
 MAX_USES = 100_000
@@ -81,8 +81,7 @@ def parse_token(token: str) -> tuple[str, str, str]:
 class Enrollment:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        source = resources.files("services.store").joinpath("lua", "redeem_enrollment.lua").read_text()
-        self._redeem = redis.register_script(source)
+        self._redeem = redis.register_script(lua("redeem_enrollment.lua"))
 
     async def issue(self, fed: str, *, uses: int, ttl_s: float) -> EnrollmentToken:
         check_federation(fed)

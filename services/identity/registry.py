@@ -26,6 +26,7 @@ from schemas.errors import ConfigError
 from schemas.events import ID_PATTERN, NAME_PATTERN
 from schemas.signing import MIN_KEY_BYTES, generate_key
 from services.store import keys as rk
+from services.store.scripts import lua
 
 #: How long a client revocation is kept for the token check: longer than any bearer token lives (7 days).
 REVOCATION_HORIZON_S = 8 * 24 * 3600
@@ -33,21 +34,6 @@ ACTIVE = "active"
 REVOKED = "revoked"
 _FED = re.compile(NAME_PATTERN)
 _CLIENT = re.compile(ID_PATTERN)
-
-# KEYS: clients hash, epoch, revoked-clients hash (may be another slot: only touched when given).
-# ARGV: client_id, now. Returns the new record's JSON, or false when unknown / already revoked.
-_REVOKE = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return false end
-local rec = cjson.decode(raw)
-if rec['status'] == 'revoked' then return false end
-rec['status'] = 'revoked'
-rec['revoked_at'] = tonumber(ARGV[2])
-local out = cjson.encode(rec)
-redis.call('HSET', KEYS[1], ARGV[1], out)
-redis.call('INCR', KEYS[2])
-return out
-"""
 
 
 def check_federation(fed: str) -> str:
@@ -60,10 +46,6 @@ def check_client_id(client_id: str) -> str:
     if not isinstance(client_id, str) or not _CLIENT.fullmatch(client_id):
         raise ConfigError(f"invalid client id {client_id!r} (letters, digits and ._:@-, at most 128)")
     return client_id
-
-
-def revoked_client_field(fed: str, client_id: str) -> str:
-    return f"{fed}/{client_id}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +118,7 @@ class ClientRegistry:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._revoke = redis.register_script(_REVOKE)
+        self._revoke = redis.register_script(lua("revoke_client.lua"))
 
     @staticmethod
     def new_record(
@@ -205,7 +187,7 @@ class ClientRegistry:
             return False
         # Another slot (global): a second step. Verifiers refuse the key from the registry already.
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(rk.TOKENS_REVOKED_CLIENTS, {revoked_client_field(fed, client_id): now})
+            pipe.zadd(rk.TOKENS_REVOKED_CLIENTS, {rk.revoked_client_member(fed, client_id): now})
             pipe.zremrangebyscore(rk.TOKENS_REVOKED_CLIENTS, "-inf", now - REVOCATION_HORIZON_S)
             pipe.incr(rk.TOKENS_EPOCH)
             await pipe.execute()

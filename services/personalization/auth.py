@@ -263,7 +263,7 @@ class RevocationCache:
         if who.jti in state.jtis:
             return True
         if who.device:
-            revoked_at = state.clients.get(f"{who.federation}/{who.user}")
+            revoked_at = state.clients.get(rk.revoked_client_member(who.federation, who.user))
             if revoked_at is not None and who.issued_at <= revoked_at:
                 return True
         return False

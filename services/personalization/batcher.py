@@ -5,11 +5,12 @@ oldest job and, in the same pass, every queued job that can share its forward: s
 global version; jobs on an old stack during a swap never mix with the new one), same kind, within the
 row / padded-token / distinct-adapter limits and, for generation, a similar token budget (a
 2-token request does not wait for a 200-token one). Different users' jobs share a batch: each row is
-routed to its user's adapter slot (:mod:`.lora_slots`, :mod:`.inference`). Under load, requests
-queue while a batch runs and the next pass takes them together, which is where batching pays off.
-On top of that the thread lingers up to ``linger_s`` for requests that are already *on their way*
-(counted by :meth:`incoming`: past authentication, still loading an adapter or tokenizing), never for
-traffic that may not come, so a lone request on an idle service is answered at once.
+served with its user's personal adapter (the serving backend binds them to slots: :mod:`.backends`).
+Under load, requests queue while a batch runs and the next pass takes them together, which is where
+batching pays off. On top of that the thread lingers up to ``linger_s`` for requests that are already
+*on their way* (counted by :meth:`incoming`: past authentication, still loading an adapter or
+tokenizing), never for traffic that may not come, so a lone request on an idle service is answered at
+once.
 
 A batch that fails is retried job by job, so one bad request cannot fail its neighbours. Jobs whose
 caller gave up (future cancelled) before their batch started are skipped.
@@ -36,12 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from services.personalization.backends.base import GenOut, GenRow, ModelStack, ScoreOut, ScoreRow
 from services.personalization.errors import TooManyRequests
-from services.personalization.inference import GenOut, GenRow, ScoreOut, ScoreRow, generate_rows, score_rows
 from services.personalization.metrics import ServeMetrics
-from services.personalization.stacks import ModelStack
 from services.personalization.user_adapters import PersonalAdapter
 
 log = logging.getLogger("pfi.serve.batcher")
@@ -356,9 +354,9 @@ class Batcher:
         results: list[Any] = []
         for chunk in self._chunks(rows):
             if kind == "score":
-                results += score_rows(stack, chunk)
+                results += stack.score(chunk)
             else:
-                results += generate_rows(stack, chunk)
+                results += stack.generate(chunk)
         return results
 
     def _execute(self, batch: list[Job]) -> None:
@@ -366,8 +364,7 @@ class Batcher:
         started = time.perf_counter()
         rows: list[Any] = [row for job in batch for row in job.rows]
         try:
-            with torch.inference_mode():
-                results = self._compute(kind, stack, rows)
+            results = self._compute(kind, stack, rows)
         except Exception as err:
             if len(batch) == 1:
                 self._deliver(batch[0], error=err)

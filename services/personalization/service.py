@@ -107,9 +107,13 @@ class PersonalizationService:
         self._tasks.append(
             asyncio.create_task(self.revocations.run(self._redis), name="pfi-serve-revocations")
         )
-        kwargs = {} if self._model_loader is None else {"model_loader": self._model_loader}
         engine = Engine(
-            self._redis, self.settings, self.serve, self.metrics, batching=self._batching, **kwargs
+            self._redis,
+            self.settings,
+            self.serve,
+            self.metrics,
+            batching=self._batching,
+            model_loader=self._model_loader,
         )
         engine.start()
         self._engine = engine

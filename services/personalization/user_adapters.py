@@ -36,6 +36,7 @@ from schemas.errors import CodecError, PayloadTooLargeError
 from schemas.events import StrictModel, TensorEncoding
 from services.personalization.errors import BadRequest, PayloadTooLarge, Unprocessable
 from services.store import keys
+from services.store.scripts import lua
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EVENTS_MAXLEN = 10_000
@@ -175,16 +176,6 @@ def decode_stored(
     return validate_state(state, template)
 
 
-_PUT = """
-local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'meta', ARGV[2])
-local g = redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'op', 'put', 'user', ARGV[3], 'version', v,
-  'digest', ARGV[4], 'generation', g)
-return {v, g}
-"""
-
-
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -194,7 +185,7 @@ class UserAdapterStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._put = redis.register_script(_PUT)
+        self._put = redis.register_script(lua("put_user_adapter.lua"))
 
     async def put(self, record: AdapterRecord, blob: bytes) -> tuple[int, int]:
         """Store a new version (the record's ``version`` is ignored); returns ``(version, generation)``

@@ -9,13 +9,14 @@ import time
 
 from services.settings import PFISettings
 from services.stack import manager
+from services.stack.components import StackStatus
 
 
 def _echo(line: str) -> None:
     print(line, flush=True)
 
 
-def _print_status(status: manager.StackStatus) -> None:
+def _print_status(status: StackStatus) -> None:
     for comp in (status.kafka, status.redis):
         state = "up" if comp.up else "DOWN"
         where = "external" if comp.external else (f"pid {comp.pid}" if comp.pid else "no process")

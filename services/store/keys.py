@@ -1,5 +1,7 @@
-"""Redis key names. Every per-federation key carries the hash tag ``{fed}`` so that a Redis Cluster keeps
-a federation in one slot and the atomic commit (a Lua script) can touch all of them."""
+"""Redis key names: the whole Redis layout of PFI (every key any service reads or writes is named here;
+the Lua scripts that touch them are in services/store/lua/, loaded by :mod:`services.store.scripts`).
+Every per-federation key carries the hash tag ``{fed}`` so that a Redis Cluster keeps a federation in
+one slot and the atomic commit (a Lua script) can touch all of them."""
 
 from __future__ import annotations
 
@@ -7,6 +9,11 @@ FEDERATIONS = "pfi:federations"  # set of federation names
 TOKENS_REVOKED = "pfi:tokens:revoked"  # zset: revoked bearer-token jti -> its exp (unix)
 TOKENS_REVOKED_CLIENTS = "pfi:tokens:revoked-clients"  # zset "<fed>/<client_id>" -> revoked_at (unix)
 TOKENS_EPOCH = "pfi:tokens:epoch"  # INCR on every change of the two above
+
+
+def revoked_client_member(fed: str, client_id: str) -> str:
+    """``<fed>/<client_id>``: a member of :data:`TOKENS_REVOKED_CLIENTS` (names never contain ``/``)."""
+    return f"{fed}/{client_id}"
 
 
 def prefix(fed: str) -> str:
@@ -27,8 +34,13 @@ def head(fed: str) -> str:
     return prefix(fed) + "head"
 
 
+def adapter_prefix(fed: str) -> str:
+    """What every version blob key of the federation starts with (the commit script prunes by it)."""
+    return prefix(fed) + "adapter:"
+
+
 def adapter(fed: str, version: int) -> str:
-    return prefix(fed) + f"adapter:{version}"
+    return adapter_prefix(fed) + str(version)
 
 
 def meta(fed: str, version: int) -> str:

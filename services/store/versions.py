@@ -24,7 +24,6 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -34,6 +33,7 @@ from schemas.errors import PFIError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
 from services.store import keys
+from services.store.scripts import lua
 
 log = logging.getLogger("pfi.store")
 
@@ -58,10 +58,6 @@ class NotReplicated(StoreError):
         super().__init__(message)
         self.version = version
         self.acked = acked
-
-
-def _script(name: str) -> str:
-    return resources.files("services.store").joinpath("lua", name).read_text()
 
 
 def _opt_int(raw: Any) -> int | None:
@@ -115,11 +111,11 @@ class VersionStore:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.wait_attempts = max(1, wait_attempts)
-        self._commit = redis.register_script(_script("commit_version.lua"))
-        self._progress = redis.register_script(_script("commit_offsets.lua"))
-        self._rollback = redis.register_script(_script("rollback.lua"))
-        self._create = redis.register_script(_script("create_federation.lua"))
-        self._raise_marks = redis.register_script(_script("raise_watermarks.lua"))
+        self._commit = redis.register_script(lua("commit_version.lua"))
+        self._progress = redis.register_script(lua("commit_offsets.lua"))
+        self._rollback = redis.register_script(lua("rollback.lua"))
+        self._create = redis.register_script(lua("create_federation.lua"))
+        self._raise_marks = redis.register_script(lua("raise_watermarks.lua"))
 
     # -- federations ---------------------------------------------------------------------------
     async def list_federations(self) -> list[str]:
@@ -216,7 +212,7 @@ class VersionStore:
             c.optimizer_blob,
             c.accountant_json,
             str(c.keep_versions),
-            keys.prefix(fed) + "adapter:",
+            keys.adapter_prefix(fed),
             c.event_json,
             str(len(c.offsets)),
         ]

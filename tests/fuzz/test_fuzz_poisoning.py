@@ -39,6 +39,7 @@ import pytest
 import torch
 from redis.asyncio import Redis
 
+from modeling.lora import StateDict
 from schemas.errors import RejectReason
 from schemas.events import MAX_NUM_SAMPLES, AggregationSpec
 from schemas.frame import encode_frame
@@ -60,8 +61,6 @@ from tests.support.federations import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-StateDict = dict[str, torch.Tensor]
 HONEST, POISONED = 3, 2
 N = HONEST + POISONED
 CLIP = 1.0  # honest deltas (scale 0.01 on the tiny adapter) have L2 norm ~0.42; the poison ~42

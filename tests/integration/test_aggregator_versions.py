@@ -17,6 +17,7 @@ import torch
 from redis.asyncio import Redis
 
 from modeling.blobs import BLOB_ENCODING
+from modeling.lora import StateDict
 from schemas.codec import decode_tensors
 from schemas.events import FederationSpec
 from schemas.frame import encode_frame
@@ -44,8 +45,6 @@ from tests.support.federations import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-StateDict = dict[str, torch.Tensor]
 TOLERANCE = 1e-6
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import manager
+from services.stack import manager, processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -55,7 +55,7 @@ def demo_env(redis_url: str) -> dict[str, str]:
 
 
 def pfi(*args: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def child_pids(output: str) -> dict[str, int]:
@@ -65,9 +65,9 @@ def child_pids(output: str) -> dict[str, int]:
 def assert_gone(pids: dict[str, int], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     for name, pid in pids.items():
-        while manager.pid_alive(pid) and time.monotonic() < deadline:
+        while processes.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not manager.pid_alive(pid), f"the demo left its {name} process {pid} running"
+        assert not processes.pid_alive(pid), f"the demo left its {name} process {pid} running"
 
 
 def test_tiny_demo_writes_the_report_and_personalization_helps(

@@ -30,11 +30,11 @@ from clients.training import AdapterTrainer, TrainConfig
 from clients.uploader import HttpUpdateSender
 from modeling.base import TINY_LLAMA, load_base_model
 from schemas.frame import decode_frame
-from services.demo.processes import free_ports
 from services.federation.admin import federation_status
 from services.personalization.harness import BASE_URL, Harness, serving
 from services.settings import PFISettings, ServeSettings
 from services.stack import manager
+from services.stack.processes import free_ports, pid_alive
 from services.stack.topics import consumer_limits
 from services.store.versions import VersionStore
 from services.transport import kafka_kwargs
@@ -170,7 +170,7 @@ async def kill_broker(settings: PFISettings) -> None:
     os.killpg(pid, signal.SIGKILL)  # a crash, not a clean shutdown (the broker runs in its own session)
 
     async def gone() -> bool:
-        return not manager.pid_alive(pid)
+        return not pid_alive(pid)
 
     await wait_for(gone, timeout=20, interval=0.1)
 

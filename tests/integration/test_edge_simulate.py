@@ -16,7 +16,8 @@ from schemas.errors import ConfigError
 from services.federation.admin import federation_status
 from services.settings import PFISettings
 from services.store.versions import VersionStore
-from sim.fleet import SimulationConfig, parse_speed_dist, simulate
+from sim.devices import parse_speed_dist
+from sim.fleet import SimulationConfig, simulate
 from tests.support.federations import new_federation, running_aggregator, wait_for
 
 pytestmark = [

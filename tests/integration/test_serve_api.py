@@ -10,7 +10,6 @@ import asyncio
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from schemas.events import FederationSpec, TensorEncoding
 from services.personalization.harness import BASE_URL, Harness, serving
 from services.personalization.user_adapters import events_key, user_key
 from services.settings import PFISettings, ServeSettings
+from services.stack.processes import free_port
 from services.store import keys
 from services.store.versions import VersionStore
 from services.transport import kafka_env
@@ -469,14 +469,8 @@ async def test_metrics_and_probes(h: Harness, fed: FederationSpec) -> None:
 # ------------------------------------------------------------------------------------------- subprocess
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_pfi_serve_as_a_subprocess(settings: PFISettings, fed: FederationSpec, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     secret = uuid.uuid4().hex + uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFI_")}
     env.update(

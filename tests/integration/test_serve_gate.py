@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import resource
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +26,7 @@ from schemas.events import FederationSpec
 from services.personalization.harness import Harness, serving
 from services.personalization.limits import json_body_cap
 from services.settings import PFISettings, ServeSettings
+from services.stack.processes import free_port
 from services.store.versions import VersionStore
 from tests.support.serving import tiny_federation
 
@@ -189,12 +189,6 @@ async def test_bad_json_without_a_token_is_401_not_422(h: Harness, fed: Federati
     assert h.sample("pfi_serve_auth_failures_total", reason="token_missing") >= 6
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -234,7 +228,7 @@ async def test_a_real_server_answers_a_200_mib_unauthenticated_body_fast_with_fl
     settings: PFISettings, fed: FederationSpec
 ) -> None:
     async with serving(settings, ServeSettings(), federation=fed.name) as h:
-        port = _free_port()
+        port = free_port()
         config = uvicorn.Config(h.app, port=port, log_level="warning")
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

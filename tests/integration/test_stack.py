@@ -22,9 +22,9 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, Unknown
 from redis.asyncio import Redis
 
 from schemas.errors import StackError
-from services.demo.processes import free_ports
 from services.settings import MIB, PFISettings
 from services.stack import broker, manager
+from services.stack.processes import find_pids, free_ports, pid_alive
 from services.stack.topics import (
     broker_message_max_bytes,
     consumer_limits,
@@ -284,14 +284,14 @@ async def test_down_and_up_of_a_second_stack(tmp_path: Path) -> None:
         assert status.kafka.address == f"127.0.0.1:{settings.kafka_port}"
         assert any("stale pidfile" in line for line in lines), lines
         pids = [status.kafka.pid, status.redis.pid]
-        assert all(isinstance(p, int) and manager.pid_alive(p) for p in pids)
+        assert all(isinstance(p, int) and pid_alive(p) for p in pids)
         assert stack_topics_exist(await describe_topics(settings, [settings.updates_topic]), settings)
 
         await manager.down_async(settings, echo=lines.append)
         for pid in pids:
             assert pid is not None
-            assert not manager.pid_alive(pid)
-        assert not manager.find_pids(["kafka.Kafka", broker.process_marker(settings)])
+            assert not pid_alive(pid)
+        assert not find_pids(["kafka.Kafka", broker.process_marker(settings)])
         down = await manager.status_async(settings, timeout_s=1.0)
         assert (down.kafka.up, down.redis.up) == (False, False)
         assert (down.kafka.pid, down.redis.pid) == (None, None)

@@ -3,7 +3,7 @@ local Kafka, a federation on the tiny model) and, when the package is there, the
 service, both serving ``/metrics`` over HTTP on free loopback ports, with traffic that makes their
 series exist: accepted, rejected and aggregated updates, two versions (the second with staleness),
 reported training losses, hot swaps, cache misses and hits, personal adapter loads, 2xx and 4xx
-requests.
+requests, an upload to the HTTPS ingest refused (a user's token, not a device's).
 
 Everything runs on a private event loop in a background thread, so the (synchronous) tests can
 scrape, start Prometheus and wait without touching pytest-asyncio's loops.
@@ -159,6 +159,7 @@ class LiveServices:
                 body = {"prompt": "ROMEO: ", "max_new_tokens": 4}
                 await self._ok(h.client.post(f"{path}/generate", json=body, headers=headers))
                 await h.client.get(f"{path}")  # 401: no token
+                await h.client.post(f"{path}/updates", content=b"x", headers=headers)  # 403 not_a_device
                 await self._unusable_adapter(h, name)
                 await self._wait_served_version(h, name, VERSIONS - 1)
                 # A version published while serving: a hot swap, then freshness on the first request.

@@ -23,6 +23,11 @@ REQUIRED_ALERTS = {
     "PFIServingLatencyBudgetSlowBurn",
     "PFIServingVersionBehind",
     "PFIPersonalAdapterLoadFailures",
+    # issue 12: untrusted edge devices
+    "PFIVersionsUnreplicated",
+    "PFIAggregatorInternalErrors",
+    "PFIAggregatorPollFailures",
+    "PFIIngestAuthRefusalBurst",
 }
 
 

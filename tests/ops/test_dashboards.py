@@ -36,6 +36,8 @@ REQUIRED_PANELS = {
         "buffer fill",
         "consumer lag",
         "dead letters by reason",
+        "unreplicated versions",
+        "internal errors",
     ],
     "pfi-serving": [
         "requests by route",
@@ -45,8 +47,14 @@ REQUIRED_PANELS = {
         "adapter load latency",
         "global version served",
         "freshness",
+        "413 and 429",
     ],
-    "pfi-edge-fleet": ["updates published", "failures by reason", "training loss"],
+    "pfi-edge-fleet": [
+        "updates published",
+        "failures by reason",
+        "training loss",
+        "ingest refusals by reason",
+    ],
 }
 
 
@@ -161,7 +169,7 @@ def test_queries_name_only_pfi_metrics_recording_rules_and_up() -> None:
     foreign = {
         n: sorted(w)
         for n, w in referenced_names().items()
-        if not n.startswith(("pfi_aggregator_", "pfi_serve_"))
+        if not n.startswith(("pfi_aggregator_", "pfi_serve_", "pfi_ingest_"))
         and n not in records
         and n not in PROMETHEUS_BUILTIN
     }

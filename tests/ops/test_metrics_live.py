@@ -32,10 +32,11 @@ def test_every_aggregator_metric_used_by_dashboards_and_rules_is_exported(live: 
 
 
 def test_every_serving_metric_used_by_dashboards_and_rules_is_exported(live: Endpoints) -> None:
+    """Serving and its HTTPS ingest (``pfi_ingest_``: the ingest route is part of the service)."""
     if live.serving is None:
         pytest.skip(f"personalization service not available: {live.serving_skip}")
     exported = exported_names(scrape(live.serving))
-    used = {n: w for n, w in referenced_names().items() if n.startswith("pfi_serve_")}
+    used = {n: w for n, w in referenced_names().items() if n.startswith(("pfi_serve_", "pfi_ingest_"))}
     missing = {n: sorted(w) for n, w in used.items() if n not in exported}
     assert not missing, f"serving metrics used but not exported by /metrics: {missing}"
     assert used, "no serving metric referenced at all?"

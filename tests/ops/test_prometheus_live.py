@@ -79,21 +79,41 @@ ALERT_INPUTS: dict[str, list[str]] = {
         '{route=~"/v1/federations/.+/(generate|score)", code="unavailable"}[5m]))',
     ],
     "PFITargetDown": ['up{job=~"pfi-aggregator|pfi-personalization"}'],
+    # A labelled counter without children until the first unreplicated version: no series on healthy
+    # services (its name is checked against /metrics by test_metrics_live.py).
+    "PFIVersionsUnreplicated": [],
+    "PFIAggregatorInternalErrors": [
+        "sum by (namespace, instance) (increase(pfi_aggregator_internal_errors_total[10m]))"
+    ],
+    "PFIAggregatorPollFailures": [
+        "sum by (namespace, instance) (increase(pfi_aggregator_poll_failures_total[15m]))"
+    ],
+    "PFIIngestAuthRefusalBurst": [  # the traffic sends one upload with a user token (not_a_device)
+        'sum by (namespace) (rate(pfi_ingest_requests_total{outcome="refused", reason=~"'
+        "bad_signature|unsigned|unknown_client|wrong_client|wrong_federation|not_a_device|forbidden|token_.+"
+        '"}[5m]))',
+        "sum by (namespace) (rate(pfi_ingest_requests_total[5m]))",
+    ],
 }
-SERVING_ALERTS = {name for name in ALERT_INPUTS if name.startswith(("PFIServing", "PFIPersonal"))}
+SERVING_ALERTS = {
+    name for name in ALERT_INPUTS if name.startswith(("PFIServing", "PFIPersonal", "PFIIngest"))
+}
 
 # Dashboard panels that legitimately show no data on healthy services in a one-minute run: they
 # count failures or features (commit conflicts, flush failures, server-side DP, clipping, cache
-# evictions, failed swaps) that this run does not exercise. Their metric names are still checked
-# against /metrics by test_metrics_live.py.
+# evictions, failed swaps, unreplicated versions, 413/429, unloadable federations) that this run does
+# not exercise. Their metric names are still checked against /metrics by test_metrics_live.py.
 EMPTY_OK = {
     ("pfi-federation-overview", "Commit conflicts and flush failures"),
     ("pfi-federation-overview", "Server-side DP budget spent (epsilon)"),
     ("pfi-edge-fleet", "Clipped updates"),
+    ("pfi-federation-overview", "Unreplicated versions"),
+    ("pfi-serving", "Refused at the gate: 413 and 429"),
 }
 EMPTY_OK_REFS = {
     ("pfi-serving", "Cache evictions, uploads, invalidations", "A"),
     ("pfi-serving", "Swaps and swap failures", "B"),
+    ("pfi-federation-overview", "Internal errors, poll failures, unloadable federations", "C"),
 }
 
 
@@ -232,7 +252,7 @@ def test_every_dashboard_query_evaluates_and_returns_data(prometheus: str, live:
     for q in dashboard_queries():
         if q.ref == "var":
             continue  # label_values(): a Grafana function, checked via its metric in test_metrics_live
-        if live.serving is None and q.dashboard == "pfi-serving":
+        if live.serving is None and (q.dashboard == "pfi-serving" or "pfi_ingest_" in q.expr):
             continue
         promql = grafana_to_promql(q.expr)
         out = api(prometheus, "/api/v1/query", query=promql)

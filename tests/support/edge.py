@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from clients.training import AdapterTrainer
 from clients.uploader import HttpUpdateSender
 from services.personalization.harness import BASE_URL, Harness
 from services.settings import PFISettings
+from services.stack.processes import free_port
 from services.transport import kafka_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,12 +75,6 @@ class Devices:
             options or AgentOptions(),
             edge_settings=edge or EdgeSettings(),
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -8,10 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from modeling.lora import StateDict
 from schemas.events import MAX_NUM_SAMPLES, AggregationSpec
 from services.aggregator.math.bounds import influence_bound, max_share, step_influence
 from services.aggregator.math.fedbuff import BufferedUpdate, aggregate, effective_samples
-from services.aggregator.math.robust import StateDict, l2_norm, trim_count, trimmed_window
+from services.aggregator.math.robust import l2_norm, trim_count, trimmed_window
 
 SHAPES = {"a": (6, 5), "b": (5, 6)}
 

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from modeling.lora import StateDict
 from schemas.events import AggregationSpec
 from services.aggregator.math.fedbuff import BufferedUpdate, UpdateBuffer, aggregate
-from services.aggregator.math.robust import StateDict, l2_norm
+from services.aggregator.math.robust import l2_norm
 from services.aggregator.math.server_optimizer import ServerOptState
 
 P = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_{}.weight"

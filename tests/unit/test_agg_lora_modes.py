@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modeling.lora import StateDict
 from schemas.events import AggregationSpec
 from services.aggregator.math.fedbuff import BufferedUpdate, aggregate
 from services.aggregator.math.lora_modes import is_lora_a, is_lora_b, merged_product, project_delta
-from services.aggregator.math.robust import StateDict
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 A_KEY, B_KEY = f"{PREFIX}.lora_A.weight", f"{PREFIX}.lora_B.weight"

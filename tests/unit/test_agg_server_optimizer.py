@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modeling.lora import StateDict
 from schemas.events import AggregationSpec
-from services.aggregator.math.robust import StateDict
 from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
 
 KA, KB = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"

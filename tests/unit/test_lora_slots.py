@@ -11,9 +11,9 @@ import torch
 from modeling.base import TINY_LLAMA, BaseModel, load_base_model
 from modeling.lora import init_adapter, peft_config
 from schemas.events import FederationSpec, LoraSpec, TensorEncoding, utcnow
-from services.personalization.inference import ScoreRow, score_rows
-from services.personalization.lora_slots import NO_SLOT
-from services.personalization.stacks import build_merged_stack, merge_global
+from services.personalization.backends.base import NO_SLOT, ScoreRow
+from services.personalization.backends.torch_slots.inference import score_rows
+from services.personalization.backends.torch_slots.stacks import build_merged_stack, merge_global
 from services.personalization.user_adapters import AdapterRecord, PersonalAdapter, to_params
 
 ATOL = 1e-5

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.personalization.adapter_cache import AdapterCache
+from services.personalization.backends.base import ScoreRow
 from services.personalization.batcher import Batcher
 from services.personalization.errors import TooManyRequests
-from services.personalization.inference import ScoreRow
 from services.personalization.metrics import ServeMetrics
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from schemas.errors import ConfigError
 from services.settings import PFISettings
-from services.stack import broker
+from services.stack import broker, broker_config
 from services.transport import PRINCIPALS, kafka_env, kafka_kwargs
 
 
@@ -101,7 +101,7 @@ def test_storage_formatted_without_scram_users_is_outdated(tmp_path: Path) -> No
     (paths.data / "meta.properties").write_text("cluster.id=abc\nnode.id=1\n")
     assert "without SASL" in (broker.auth_outdated(settings) or "")
     creds = broker.ensure_credentials(settings)
-    paths.auth_stamp.write_text(json.dumps(broker._auth_stamp(creds)))
+    paths.auth_stamp.write_text(json.dumps(broker_config._auth_stamp(creds)))
     assert broker.auth_outdated(settings) is None
     settings.kafka_credentials_path.unlink()
     broker.ensure_credentials(settings)  # new passwords: the SCRAM users no longer match

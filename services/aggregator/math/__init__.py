@@ -4,7 +4,8 @@ One module per concern: :mod:`.staleness` (s(τ)), :mod:`.robust` (clipping, tri
 :mod:`.lora_modes` (FedIT vs FFA-LoRA), :mod:`.server_optimizer` (FedAvg/FedAvgM/FedAdam server
 step and its serializable state), :mod:`.privacy` (server Gaussian noise, RDP accountant) and
 :mod:`.fedbuff` (the buffer and :func:`aggregate`, which chains them) and :mod:`.bounds` (how far one
-client can move the global under a spec).
+client can move the global under a spec). The pluggable pieces (combiners, server optimizers, the DP
+wrapper) and their registry: :mod:`.strategies`, one file each.
 """
 
 from services.aggregator.math.bounds import influence_bound, max_share, step_influence
@@ -37,10 +38,20 @@ from services.aggregator.math.robust import (
 )
 from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
 from services.aggregator.math.staleness import from_spec, staleness_weight
+from services.aggregator.math.strategies import (
+    COMBINERS,
+    SERVER_OPTIMIZERS,
+    check_spec,
+    combiner_for,
+    get_combiner,
+    get_server_optimizer,
+)
 
 __all__ = [
+    "COMBINERS",
     "DEFAULT_ORDERS",
     "MIN_TRIM",
+    "SERVER_OPTIMIZERS",
     "AggregationResult",
     "BufferedUpdate",
     "RdpAccountant",
@@ -50,12 +61,16 @@ __all__ = [
     "add_gaussian_noise",
     "aggregate",
     "apply_server_update",
+    "check_spec",
     "clip_scale",
     "clip_to_norm",
+    "combiner_for",
     "coordinate_median",
     "coordinate_trimmed_mean",
     "effective_samples",
     "from_spec",
+    "get_combiner",
+    "get_server_optimizer",
     "influence_bound",
     "is_lora_a",
     "is_lora_b",

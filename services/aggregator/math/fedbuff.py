@@ -6,13 +6,16 @@
 2. per-update L2 clipping to ``max_update_norm`` when set (the service itself rejects over-norm
    updates when ``norm_policy == "reject"``; here they are just clipped);
 3. coefficients ``w_i = s(τ_i)·n_i / Σ n_j`` (``n = 1`` with ``weighting == "uniform"``, the default;
-   with ``"samples"``, ``n_i`` is the claimed count capped at ``max_num_samples``).
-   The robust options (``trimmed_mean``/``median``) are coordinate-wise statistics of the clipped
-   deltas that **ignore the weights** (staleness and sample counts cannot be honoured by an order
-   statistic without letting a liar inflate its influence); ``weights`` then reports ``1/K`` each.
-   The trimmed mean drops at least one update per side (``min_trim=1``) whatever the buffer's size;
-4. optional server Gaussian noise, std = ``dp_noise_multiplier · sensitivity`` (see :mod:`.privacy`);
-5. the server optimizer (``none``/``momentum``/``adam``) with ``server_lr`` = η.
+   with ``"samples"``, ``n_i`` is the claimed count capped at ``max_num_samples``), combined by the
+   spec's combiner (``robust``: see :mod:`.strategies`). The weighted mean uses them; the robust options
+   (``trimmed_mean``/``median``) are coordinate-wise statistics of the clipped deltas that **ignore the
+   weights** (staleness and sample counts cannot be honoured by an order statistic without letting a
+   liar inflate its influence); ``weights`` then reports ``1/K`` each. The trimmed mean drops at least
+   one update per side (``min_trim=1``) whatever the buffer's size;
+4. optional server Gaussian noise, std = ``dp_noise_multiplier · sensitivity`` of that combiner (the
+   :class:`~.strategies.gaussian_dp.GaussianDP` wrapper; see :mod:`.privacy`);
+5. the server optimizer (``server_optimizer``: ``none``/``momentum``/``adam``/``yogi``, see
+   :mod:`.strategies`) with ``server_lr`` = η.
 
 ARCHITECTURE.md first wrote the denominator as ``Σ s(τ_i) n_i``. That normalizes the discount
 away: with K = 1 the weight is 1 whatever τ, so "K = 1 is FedAsync" would not hold (FedAsync mixes
@@ -39,21 +42,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modeling.lora import StateDict
 from schemas.events import AggregationSpec
 from services.aggregator.math.lora_modes import project_delta
-from services.aggregator.math.privacy import add_gaussian_noise, robust_sensitivity, sensitivity
-from services.aggregator.math.robust import (
-    MIN_TRIM,
-    StateDict,
-    clip_scale,
-    coordinate_median,
-    coordinate_trimmed_mean,
-    l2_norm,
-    scaled,
-    trimmed_window,
-)
+from services.aggregator.math.robust import clip_scale, l2_norm, scaled
 from services.aggregator.math.server_optimizer import ServerOptState, apply_server_update
 from services.aggregator.math.staleness import from_spec
+from services.aggregator.math.strategies import combiner_for
 
 
 @dataclass(frozen=True)
@@ -106,31 +101,6 @@ def _validate(global_state: StateDict, buffer: Sequence[BufferedUpdate]) -> None
                 )
 
 
-def _weighted_mean(global_state: StateDict, deltas: Sequence[StateDict], coefs: Sequence[float]) -> StateDict:
-    out: StateDict = {}
-    for key, ref in global_state.items():
-        if not any(key in d for d in deltas):
-            continue
-        acc = torch.zeros(ref.shape, dtype=torch.float32)
-        for d, c in zip(deltas, coefs, strict=True):
-            if key in d:
-                acc.add_(d[key].to(torch.float32), alpha=c)
-        out[key] = acc
-    return out
-
-
-def _robust(global_state: StateDict, deltas: Sequence[StateDict], spec: AggregationSpec) -> StateDict:
-    keys = [k for k in global_state if any(k in d for d in deltas)]
-    full: list[StateDict] = []
-    for d in deltas:
-        full.append(
-            {k: (d[k].to(torch.float32) if k in d else torch.zeros(global_state[k].shape)) for k in keys}
-        )
-    if spec.robust == "median":
-        return coordinate_median(full)
-    return coordinate_trimmed_mean(full, spec.trim_ratio, MIN_TRIM)
-
-
 def _finite(state: StateDict) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values())
 
@@ -181,28 +151,9 @@ def aggregate(
     if not sum(raw) > 0:
         raise ValueError("aggregation weights sum to zero")
 
-    if spec.robust == "none":
-        weights = {u.update_id: w / total for u, w in zip(buffer, raw, strict=True)}
-        pseudo_grad = _weighted_mean(global_state, bounded, [weights[u.update_id] for u in buffer])
-    else:
-        weights = {u.update_id: 1.0 / len(buffer) for u in buffer}
-        pseudo_grad = _robust(global_state, bounded, spec)
-
-    noise_std = 0.0
-    if spec.dp_noise_multiplier > 0:
-        if spec.max_update_norm is None:
-            raise ValueError("server DP noise needs max_update_norm (the clipping bound) to be set")
-        if spec.robust == "none":
-            sens = sensitivity(spec.max_update_norm, raw) * sum(raw) / total
-        else:
-            ratio = 0.5 if spec.robust == "median" else spec.trim_ratio
-            min_trim = MIN_TRIM if spec.robust == "trimmed_mean" else 0
-            sens = robust_sensitivity(spec.max_update_norm, trimmed_window(len(buffer), ratio, min_trim))
-        noise_std = spec.dp_noise_multiplier * sens
-        if generator is None:
-            generator = torch.Generator()
-            generator.seed()
-        pseudo_grad = add_gaussian_noise(pseudo_grad, noise_std, generator)
+    combined = combiner_for(spec, generator).combine(global_state, bounded, raw, total, spec)
+    weights = {u.update_id: w for u, w in zip(buffer, combined.weights, strict=True)}
+    pseudo_grad, noise_std = combined.pseudo_gradient, combined.noise_std
 
     new_global, step, new_state = apply_server_update(global_state, pseudo_grad, spec, opt_state)
     if not _finite({k: new_global[k] for k in step}):

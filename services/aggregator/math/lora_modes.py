@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from services.aggregator.math.robust import StateDict
+from modeling.lora import StateDict
 
 LoraMode = Literal["fedit", "ffa"]
 

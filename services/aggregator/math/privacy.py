@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from services.aggregator.math.robust import StateDict
+from modeling.lora import StateDict
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 """The usual RDP order grid (as in TF-Privacy / Opacus)."""

@@ -11,10 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from modeling.lora import StateDict as StateDict  # re-exported: the one definition is modeling.lora's
 from schemas.codec import state_l2_norm
-
-StateDict = dict[str, torch.Tensor]
-"""Float tensors keyed like a PEFT adapter state dict (``...q_proj.lora_A.weight``)."""
 
 MIN_TRIM = 1
 """The service's trimmed mean drops at least one update per side of every version of 3 or more."""

@@ -1,10 +1,8 @@
 """Server optimizers: apply an aggregated pseudo-gradient ``Δ`` to the global adapter (Reddi et al. 2021).
 
-* ``none``:     global += lr·Δ                                   (FedAvg / FedBuff)
-* ``momentum``: m = β·m + Δ;                 global += lr·m       (FedAvgM, Hsu et al. 2019)
-* ``adam``:     m = β1·m + (1-β1)·Δ;  v = β2·v + (1-β2)·Δ²;
-                global += lr·m / (√v + eps)                       (FedAdam; no bias correction,
-                                                                  moments start at zero)
+The optimizers themselves are strategies, one per file (:mod:`.strategies`: ``none`` = FedAvg,
+``momentum`` = FedAvgM, ``adam`` = FedAdam, ``yogi`` = FedYogi); this module runs the one the spec names
+over every key and keeps its state.
 
 ``Δ`` is a *delta* (new - old), so the update is an ascent along it. Keys of the global absent from
 ``Δ`` (e.g. ``lora_A`` under FFA-LoRA) are left untouched, and so are their moment buffers. The
@@ -14,19 +12,19 @@ state is persisted with every global version through :meth:`ServerOptState.to_te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from modeling.lora import StateDict
 from schemas.events import AggregationSpec
-from services.aggregator.math.robust import StateDict
+from services.aggregator.math.strategies import SERVER_OPTIMIZERS, get_server_optimizer
 
-OptimizerKind = Literal["none", "momentum", "adam"]
+OptimizerKind = str
+"""A key of :data:`~services.aggregator.math.strategies.SERVER_OPTIMIZERS` (``server_optimizer``)."""
 
 SEP = "::"
 _STEP_KEY = f"meta{SEP}step"
 _KIND_KEY = f"meta{SEP}kind"
-_BUFFERS: dict[str, tuple[str, ...]] = {"none": (), "momentum": ("m",), "adam": ("m", "v")}
 
 
 @dataclass
@@ -59,7 +57,7 @@ class ServerOptState:
         if _STEP_KEY not in tensors or _KIND_KEY not in tensors:
             raise ValueError("not a serialized server optimizer state (meta::step / meta::kind missing)")
         kind = bytes(tensors[_KIND_KEY].to(torch.uint8).tolist()).decode("ascii")
-        if kind not in _BUFFERS:
+        if kind not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer kind {kind!r}")
         buffers: dict[str, StateDict] = {}
         for flat, tensor in tensors.items():
@@ -70,7 +68,7 @@ class ServerOptState:
                 raise ValueError(f"malformed server optimizer state key {flat!r}")
             buffers.setdefault(name, {})[key] = tensor.to(torch.float32)
         step = int(tensors[_STEP_KEY].reshape(-1)[0])
-        return cls(kind=kind, buffers=buffers, step=step)  # type: ignore[arg-type]
+        return cls(kind=kind, buffers=buffers, step=step)
 
 
 def apply_server_update(
@@ -94,28 +92,18 @@ def apply_server_update(
                 f"shape of {key!r}: delta {tuple(tensor.shape)} != global {tuple(global_state[key].shape)}"
             )
     kind: OptimizerKind = spec.server_optimizer
+    optimizer = get_server_optimizer(kind)
     if state is None or state.kind != kind:
         state = ServerOptState(kind=kind)
-    lr = spec.server_lr
-    old = {name: state.buffers.get(name, {}) for name in _BUFFERS[kind]}
+    old = {name: state.buffers.get(name, {}) for name in optimizer.buffers}
     new_buffers: dict[str, StateDict] = {name: dict(bufs) for name, bufs in old.items()}
     step: StateDict = {}
     for key, raw in delta.items():
-        d = raw.to(torch.float32)
-        if kind == "none":
-            step[key] = d * lr
-        elif kind == "momentum":
-            m_old = old["m"].get(key)
-            m = d.clone() if m_old is None else torch.add(d, m_old, alpha=spec.momentum)
-            new_buffers["m"][key] = m
-            step[key] = m * lr
-        else:
-            b1, b2 = spec.adam_beta1, spec.adam_beta2
-            m_old, v_old = old["m"].get(key), old["v"].get(key)
-            m = d * (1.0 - b1) if m_old is None else torch.add(m_old * b1, d, alpha=1.0 - b1)
-            v = d * d * (1.0 - b2) if v_old is None else torch.addcmul(v_old * b2, d, d, value=1.0 - b2)
-            new_buffers["m"][key], new_buffers["v"][key] = m, v
-            step[key] = torch.div(m, v.sqrt().add_(spec.adam_eps)).mul_(lr)
+        step[key], moments = optimizer.step(
+            raw.to(torch.float32), {name: bufs.get(key) for name, bufs in old.items()}, spec
+        )
+        for name, tensor in moments.items():
+            new_buffers[name][key] = tensor
     new_global: StateDict = {}
     for key, tensor in global_state.items():
         g = tensor.to(torch.float32, copy=True)

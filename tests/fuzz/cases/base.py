@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from clients.updates import build_update, update_messages
+from modeling.lora import StateDict
 from schemas.chunking import split_frame
 from schemas.codec import sha256_hex
 from schemas.errors import RejectReason
@@ -23,7 +24,7 @@ from schemas.events import (
 from schemas.frame import encode_frame
 from schemas.signing import sign_update
 from services.settings import PFISettings
-from tests.fuzz.cases.model import RAW, SDK, Case, Limits, Party, StateDict
+from tests.fuzz.cases.model import RAW, SDK, Case, Limits, Party
 
 
 class GeneratorBase:

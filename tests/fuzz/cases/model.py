@@ -7,13 +7,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from schemas.errors import RejectReason
 from schemas.events import Envelope
 from services.settings import PFISettings
-
-StateDict = dict[str, torch.Tensor]
 
 RAW = "raw"
 SDK = "sdk"

@@ -6,6 +6,7 @@ import safetensors.torch
 import torch
 import zstandard
 
+from modeling.lora import StateDict
 from schemas.codec import SCALE_SUFFIX
 from schemas.errors import RejectReason
 from schemas.events import TensorEncoding
@@ -13,7 +14,7 @@ from schemas.frame import MAGIC, encode_frame
 from tests.fuzz.cases.base import GeneratorBase
 from tests.fuzz.cases.chunks import signed
 from tests.fuzz.cases.frames import INT8, make_frame, parts_of, u32
-from tests.fuzz.cases.model import Case, StateDict
+from tests.fuzz.cases.model import Case
 
 R = RejectReason
 

@@ -28,16 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 from clients.data import UserData, load_users, tokenize
 from clients.http_source import upload_personal_adapter
 from clients.training import AdapterTrainer, TrainConfig
+from demo.config import DemoConfig
+from modeling.lora import StateDict
 from schemas.errors import ConfigError, PFIError
-from services.demo.config import DemoConfig
 from services.personalization.auth import TokenSigner
 
-StateDict = dict[str, torch.Tensor]
 VARIANTS = ("base", "local", "global", "personalized")
 ASYNC_VARIANTS = ("async_global", "async_personalized")
 LABELS = {

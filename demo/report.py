@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from services.demo.evaluation import ASYNC_VARIANTS, LABELS, VARIANTS
+from demo.evaluation import ASYNC_VARIANTS, LABELS, VARIANTS
 
 GOAL_PERSONALIZATION = 0.20
 GOAL_SPEEDUP = 3.0

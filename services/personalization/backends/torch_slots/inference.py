@@ -1,7 +1,7 @@
-"""Scoring and generation on a :class:`~.stacks.ModelStack`, for a batch of rows that may belong to
+"""Scoring and generation on a :class:`~.stacks.SlotStack`, for a batch of rows that may belong to
 different users (model thread only).
 
-Rows carry their own personal adapter (or none); :meth:`ModelStack.serving` binds them to slots and
+Rows carry their own personal adapter (or none); :meth:`SlotStack.serving` binds them to slots and
 routes each row to its slot, and one forward serves them all. A batch whose rows have no personal
 adapter does no LoRA work at all (the global adapter is merged).
 
@@ -16,54 +16,18 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from services.personalization.stacks import ModelStack
-from services.personalization.user_adapters import PersonalAdapter
+from services.personalization.backends.base import GenOut, GenRow, ScoreOut, ScoreRow
+
+if TYPE_CHECKING:
+    from services.personalization.backends.torch_slots.stacks import SlotStack
 
 
-@dataclass(frozen=True)
-class ScoreRow:
-    ids: list[int]
-    adapter: PersonalAdapter | None
-
-
-@dataclass(frozen=True)
-class ScoreOut:
-    nll_sum: float
-    correct: int
-    tokens: int
-
-    @property
-    def mean_nll(self) -> float:
-        return self.nll_sum / self.tokens if self.tokens else float("nan")
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.tokens if self.tokens else float("nan")
-
-
-@dataclass(frozen=True)
-class GenRow:
-    ids: list[int]
-    adapter: PersonalAdapter | None
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class GenOut:
-    tokens: list[int]
-    finish_reason: str  # "eos" | "length"
-
-
-def score_rows(stack: ModelStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
+def score_rows(stack: SlotStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
     """Per row: summed next-token NLL, correct argmax predictions and predicted positions."""
     length = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), length), stack.tokens.pad_id, dtype=torch.long)
@@ -134,7 +98,7 @@ class RowBudget:
         return (self.budgets <= generated).to(input_ids.device)
 
 
-def generate_rows(stack: ModelStack, rows: Sequence[GenRow]) -> list[GenOut]:
+def generate_rows(stack: SlotStack, rows: Sequence[GenRow]) -> list[GenOut]:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     tokens = stack.tokens

@@ -6,9 +6,9 @@
 3. two federations on the same base model and LoRA config: async FedBuff (K = ``async_buffer``,
    polynomial staleness weight) and sync FedAvg (K = users, constant weight); v0 pinned in both;
 4. the sync run, then the async run until it reaches the sync run's best loss (or its update cap)
-   (:mod:`services.demo.simulation`);
+   (:mod:`sim.virtual`, the fleet simulator on its virtual clock);
 5. the local-only baseline; 6. scoring the four variants through the service
-   (:mod:`services.demo.evaluation`); 7. the report (:mod:`services.demo.report`).
+   (:mod:`demo.evaluation`); 7. the report (:mod:`demo.report`).
 
 Whatever happens (an error, Ctrl-C, SIGTERM), the processes it started are stopped, its topics are
 deleted and the local stack is stopped if the demo started it (unless ``keep_stack``).
@@ -40,23 +40,25 @@ from redis.asyncio import Redis
 from clients.data import tokenize
 from clients.http_source import HttpGlobalSource
 from clients.training import AdapterTrainer
+from demo import evaluation, report
+from demo.config import DemoConfig
 from modeling.base import load_base_model
+from modeling.lora import StateDict
 from schemas.errors import PFIError
 from schemas.events import AggregationSpec, FederationSpec, LoraSpec
-from services.demo import evaluation, report
-from services.demo.config import DemoConfig
-from services.demo.processes import ServiceProcess, child_env, free_port, pfi_command
-from services.demo.simulation import DeviceModel, FleetRunner, RunResult, speedup
 from services.federation.admin import create_federation
 from services.personalization.auth import TokenSigner
 from services.personalization.harness import FederationTokens
 from services.settings import PFISettings
 from services.stack import manager
+from services.stack.processes import ServiceProcess, child_env, free_port, pfi_command
 from services.stack.topics import delete_topics, ensure_topics
 from services.store.versions import VersionStore
+from sim.devices import DeviceModel
+from sim.results import RunResult, speedup
+from sim.virtual import FleetRunner
 
 Echo = Callable[[str], None]
-StateDict = dict[str, torch.Tensor]
 
 
 def say(line: str) -> None:

@@ -1,4 +1,6 @@
-"""Async FedBuff vs sync FedAvg on the same simulated fleet, with a discrete-event virtual clock.
+"""The fleet on the virtual clock: async FedBuff vs sync FedAvg on the same simulated devices (the
+demo's and ``pfi bench async-sync``'s runs). The wall-clock fleet is :mod:`sim.fleet`; both use the
+device model of :mod:`sim.devices` and the clocks of :mod:`sim.clock`.
 
 Two CPU cores cannot run dozens of devices at once, so device *time* is simulated while everything else
 is real: every update is trained for real (:class:`~clients.agent.EdgeAgent` on the shared
@@ -8,51 +10,48 @@ Kafka for the real ``pfi aggregator`` process, which commits versions to Redis; 
 global adapter from ``pfi serve`` too. The fleet's keys are registered in each federation's client
 registry, as an operator would; device tokens are minted with the serve process's token secret.
 
-Device model (identical for both runs): client ``i`` has a speed factor ``m_i ~ lognormal(0, sigma)``
-(seeded); one update of client ``i`` in its round ``r`` takes ``m_i * steps * step_seconds + U(0,
-network_s)`` virtual seconds (the delay drawn from an RNG seeded by (seed, user, r), so both runs see
-the same delays).
+Device model (identical for both runs, :class:`~sim.devices.DeviceModel`): client ``i`` has a speed
+factor ``m_i ~ lognormal(0, sigma)`` (seeded); one update of client ``i`` in its round ``r`` takes
+``m_i * steps * step_seconds + U(0, network_s)`` virtual seconds (the delay drawn from an RNG seeded by
+(seed, user, r), so both runs see the same delays).
 
 * **sync** (FedAvg rounds, K = users), run first: every client trains from the same global; the round
   lasts ``max_i`` of the clients' device times; the aggregator makes one version per round. It sends
   ``rounds x users`` updates.
 * **async** (FedBuff, K updates per version, polynomial staleness weight): an event queue of client
-  completions. A client starting at virtual time ``t`` downloads the global adapter that exists at
-  ``t``: before any client starts, every update published at a virtual time ``<= t`` has been
-  aggregated (when a version is due, the run waits until the aggregator has committed it). Updates are
-  published in completion order; a client starts its next round when its update is out. The run
-  stops at the first version whose held-out loss is at or below ``target`` (the sync run's best), or
-  after ``max_updates`` updates. A round's result depends only on what the client had at its start
-  (the global version then, its personal adapter, its data and seed), so the real training runs when
-  its completion event is processed, against the *pinned* version the client downloaded at its start
-  (:class:`PinnedSource`): rounds still in flight when the run stops cost no compute.
+  completions (:class:`~sim.clock.VirtualClock`). A client starting at virtual time ``t`` downloads the
+  global adapter that exists at ``t``: before any client starts, every update published at a virtual
+  time ``<= t`` has been aggregated (when a version is due, the run waits until the aggregator has
+  committed it). Updates are published in completion order; a client starts its next round when its
+  update is out. The run stops at the first version whose held-out loss is at or below ``target`` (the
+  sync run's best), or after ``max_updates`` updates. A round's result depends only on what the client
+  had at its start (the global version then, its personal adapter, its data and seed), so the real
+  training runs when its completion event is processed, against the *pinned* version the client
+  downloaded at its start (:class:`PinnedSource`): rounds still in flight when the run stops cost no
+  compute.
 
 Both runs start every client from the same v0 with a fresh personal adapter, the same data and seed, so
 their first rounds are bit-identical: :class:`FirstRoundCache` trains each once and lets the sync run
 reuse the result (keyed by user, config and a digest of the global adapter; nothing else is shared).
 
 After every new version the global adapter is evaluated in-process on a pooled held-out set (a few
-chunks per user): this is the loss-vs-time curve.
+chunks per user): this is the loss-vs-time curve (:mod:`sim.results`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import heapq
 import math
-import random
 import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Protocol, cast
 
 import httpx
-import torch
 
 from clients.agent import AgentOptions, EdgeAgent, RoundResult
 from clients.data import UserData
@@ -60,178 +59,50 @@ from clients.http_source import HttpGlobalSource
 from clients.outbox import Outbox, OutboxPublisher
 from clients.personal import MemoryPersonalStore
 from clients.source import GlobalAdapter
-from clients.training import AdapterTrainer, TrainConfig, TrainResult
+from clients.training import AdapterTrainer, TrainConfig
 from clients.uploader import HttpUpdateSender
+from modeling.lora import StateDict
 from schemas.errors import PFIError
 from schemas.events import FederationSpec
 from schemas.signing import derive_client_key
-from services.demo.config import DemoConfig
-from services.demo.processes import ServiceProcess
 from services.federation.admin import federation_status
 from services.identity import ClientRegistry
 from services.settings import PFISettings
+from services.stack.processes import ServiceProcess
 from services.store.versions import VersionStore
+from sim.clock import VirtualClock
+from sim.devices import DeviceModel, seeded_rng, train_seed
+from sim.pinned import FirstRoundCache, PinnedSource
+from sim.results import CurvePoint, RunResult, UpdateRecord
 
-StateDict = dict[str, torch.Tensor]
 Echo = Callable[[str], None]
 #: ``(client_id, federation) -> device token`` (minted with the serve process's token secret).
 DeviceTokens = Callable[[str, str], str]
 
 
-def seeded_rng(*parts: object) -> random.Random:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-@dataclass(frozen=True)
-class DeviceModel:
-    """Per-client speed factors and per-update device times (virtual seconds)."""
-
-    speeds: dict[str, float]
-    steps: int
-    step_seconds: float
-    network_s: float
-    seed: int
-
-    @classmethod
-    def build(cls, users: list[str], cfg: DemoConfig) -> DeviceModel:
-        speeds = {}
-        for user in users:
-            rng = seeded_rng("speed", cfg.seed, user)
-            speeds[user] = rng.lognormvariate(0.0, cfg.speed_sigma) if cfg.speed_sigma > 0 else 1.0
-        return cls(speeds, cfg.steps, cfg.step_seconds, cfg.network_s, cfg.seed)
-
-    def duration(self, user: str, round_index: int) -> float:
-        delay = seeded_rng("network", self.seed, user, round_index).uniform(0.0, self.network_s)
-        return self.speeds[user] * self.steps * self.step_seconds + delay
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    version: int
-    virtual_s: float
-    wall_s: float
-    updates: int  # updates published when the version appeared
-    nll: float
-    accuracy: float
-
-
-@dataclass(frozen=True)
-class UpdateRecord:
-    user: str
-    round: int
-    base_version: int
-    start_s: float  # virtual
-    publish_s: float  # virtual
-    train_s: float  # real seconds of training
-    loss_before: float
-    loss_after: float
-    update_id: str
-
-
-@dataclass
-class RunResult:
-    mode: str  # "async" | "sync"
-    federation: str
-    buffer_size: int
-    points: list[CurvePoint] = field(default_factory=list)
-    updates: list[UpdateRecord] = field(default_factory=list)
-    personal: dict[str, StateDict] = field(default_factory=dict)
-    rounds: dict[str, int] = field(default_factory=dict)
-    trained_against: dict[str, int] = field(default_factory=dict)  # user -> base version of its last round
-    reused_first_rounds: int = 0
-    wall_s: float = 0.0
-    train_s: float = 0.0
-    wait_s: float = 0.0
-    eval_s: float = 0.0
+class RunnerConfig(Protocol):
+    """What :class:`FleetRunner` reads of its configuration (the demo's ``DemoConfig`` has it all)."""
 
     @property
-    def virtual_s(self) -> float:
-        return max((u.publish_s for u in self.updates), default=0.0)
-
+    def run_name(self) -> str: ...
     @property
-    def final_version(self) -> int:
-        return self.points[-1].version if self.points else 0
-
-    def summary(self) -> dict[str, Any]:
-        first, last = (self.points[0], self.points[-1]) if self.points else (None, None)
-        return {
-            "mode": self.mode,
-            "federation": self.federation,
-            "buffer_size": self.buffer_size,
-            "updates": len(self.updates),
-            "versions": self.final_version,
-            "virtual_s": self.virtual_s,
-            "wall_s": self.wall_s,
-            "train_s": self.train_s,
-            "reused_first_rounds": self.reused_first_rounds,
-            "aggregator_wait_s": self.wait_s,
-            "eval_s": self.eval_s,
-            "initial_nll": None if first is None else first.nll,
-            "final_nll": None if last is None else last.nll,
-            "best_nll": min((p.nll for p in self.points), default=None),
-        }
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class FirstRoundCache:
-    """The agents' view of the trainer: trains, and remembers rounds that start from a fresh personal
-    adapter (a client's first round), so an identical call (same user, config and global adapter
-    bytes) is answered from memory. The trainer is deterministic, so the answer is what it would
-    compute again; the result's tensors are only read by the agent (privatize copies them)."""
-
-    def __init__(self, trainer: AdapterTrainer) -> None:
-        self.trainer = trainer
-        self.spec = trainer.spec
-        self.hits = 0
-        self._results: dict[tuple[str, TrainConfig, str], TrainResult] = {}
-
+    def seed(self) -> int: ...
     @property
-    def keys(self) -> list[str]:
-        return self.trainer.keys
-
-    def train(
-        self, global_adapter: StateDict, personal: StateDict | None, data: UserData, cfg: TrainConfig
-    ) -> TrainResult:
-        if personal is not None:
-            return self.trainer.train(global_adapter, personal, data, cfg)
-        key = (data.user_id, cfg, state_digest(global_adapter))
-        cached = self._results.get(key)
-        if cached is not None:
-            self.hits += 1
-            return cached
-        result = self.trainer.train(global_adapter, personal, data, cfg)
-        self._results[key] = result
-        return result
-
-
-class PinnedSource:
-    """A :class:`~clients.source.GlobalSource` whose "latest" is the version the client saw when it
-    started its round (``version``); adapters are shared between the clients of a run (``cache``)."""
-
-    def __init__(self, inner: HttpGlobalSource, cache: dict[tuple[str, int], GlobalAdapter]) -> None:
-        self.inner = inner
-        self.cache = cache
-        self.version = 0
-
-    async def spec(self, federation: str) -> FederationSpec:
-        return await self.inner.spec(federation)
-
-    async def latest(self, federation: str) -> GlobalAdapter:
-        key = (federation, self.version)
-        if key not in self.cache:
-            adapter = await self.inner.adapter(federation, self.version)
-            if adapter.version != self.version:
-                raise PFIError(f"{federation}: asked the service for v{self.version}, got v{adapter.version}")
-            self.cache[key] = adapter
-        return self.cache[key]
+    def rounds(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def personal_lr(self) -> float: ...
+    @property
+    def eval_tokens(self) -> int: ...
+    @property
+    def settle_timeout_s(self) -> float: ...
 
 
 @dataclass
@@ -250,7 +121,7 @@ class FleetRunner:
 
     def __init__(
         self,
-        cfg: DemoConfig,
+        cfg: RunnerConfig,
         settings: PFISettings,
         trainer: AdapterTrainer,
         source: HttpGlobalSource,
@@ -293,7 +164,7 @@ class FleetRunner:
             seq_len=self.cfg.seq_len,
             lr=self.cfg.lr,
             personal_lr=self.cfg.personal_lr,
-            seed=(self.cfg.seed * 1_000_003 + round_index) & 0x7FFFFFFF,
+            seed=train_seed(self.cfg.seed, round_index),
             eval_sequences=2,
         )
 
@@ -457,15 +328,13 @@ class FleetRunner:
             await self._register_keys(fed)
             clients = self._clients(fed, http, personal)
             self._say(result, await self._point(fed, 0, 0.0, began, result), total)
-            queue: list[tuple[float, int, int]] = []  # (completion time, tie-break, client index)
-            counter = 0
+            clock: VirtualClock[int] = VirtualClock()  # events: a client's update is done (its index)
             for index, client in enumerate(clients):
-                self._start(client, 0, 0.0)
-                heapq.heappush(queue, (self.devices.duration(client.user, 0), counter, index))
-                counter += 1
+                self._start(client, 0, clock.now())
+                clock.at(self.devices.duration(client.user, 0), index)
             version, unversioned = 0, 0
             while len(result.updates) < total:
-                now, _, index = heapq.heappop(queue)
+                now, index = clock.next()
                 client = clients[index]
                 await self._train(client, result)
                 await self._publish(client, now, result)
@@ -479,9 +348,7 @@ class FleetRunner:
                         self.echo(f"async reached the sync run's best held-out NLL {target:.4f}: stopping")
                         break
                 self._start(client, version, now)
-                done = now + self.devices.duration(client.user, client.rounds)
-                heapq.heappush(queue, (done, counter, index))
-                counter += 1
+                clock.at(now + self.devices.duration(client.user, client.rounds), index)
                 pinned = {c.source.version for c in clients}
                 for key in [k for k in clients[0].source.cache if k[1] not in pinned]:
                     del clients[0].source.cache[key]
@@ -507,79 +374,29 @@ class FleetRunner:
         total = self.cfg.rounds * len(self.users)
         rounds = math.ceil(total / size)
         began = time.perf_counter()
-        now = 0.0
+        clock: VirtualClock[int] = VirtualClock()  # events: a sampled client's update is done
         async with httpx.AsyncClient(timeout=120.0) as http:
             await self._register_keys(fed)
             clients = self._clients(fed, http, personal)
             self._say(result, await self._point(fed, 0, 0.0, began, result), rounds * size)
             for round_index in range(rounds):
-                done = []
                 picked = list(range(len(clients)))
                 if cohort is not None:
                     picked = sorted(seeded_rng("cohort", self.cfg.seed, round_index).sample(picked, cohort))
+                start = clock.now()
                 for index in picked:
                     client = clients[index]
-                    self._start(client, round_index, now)
+                    self._start(client, round_index, start)
                     await self._train(client, result)
-                    done.append((now + self.devices.duration(client.user, client.rounds - 1), index))
-                done.sort()
-                for finished, index in done:
+                    clock.at(start + self.devices.duration(client.user, client.rounds - 1), index)
+                while len(clock):  # in completion order (ties: client order); the round ends with the last
+                    finished, index = clock.next()
                     await self._publish(clients[index], finished, result)
-                now = done[-1][0]
                 await self._await_version(fed, round_index + 1, result)
-                point = await self._point(fed, round_index + 1, now, began, result)
+                point = await self._point(fed, round_index + 1, clock.now(), began, result)
                 self._say(result, point, rounds * size)
         result.rounds = {c.user: c.rounds for c in clients}
         result.wall_s = time.perf_counter() - began
         result.reused_first_rounds = self.first_rounds.hits - hits
         self._finish(result, personal, spec)
         return result
-
-
-# ------------------------------------------------------------------------------------ time to target
-
-
-def first_at(points: list[CurvePoint], target: float) -> CurvePoint | None:
-    """The first version whose held-out NLL is at or below ``target``."""
-    for point in points:
-        if point.nll <= target + 1e-9:
-            return point
-    return None
-
-
-def speedup(async_run: RunResult, sync_run: RunResult) -> dict[str, Any]:
-    """``async_vs_sync_speedup`` = (virtual time sync needs to reach the target) / (time async needs).
-
-    The target is the best global held-out NLL *both* runs reach: the higher of the two runs' best
-    losses. It is undefined (``None``) when a run never improved on v0."""
-    if not async_run.points or not sync_run.points:
-        return {"async_vs_sync_speedup": None, "reason": "a run has no evaluated version"}
-    initial = async_run.points[0].nll
-    best_async = min(p.nll for p in async_run.points)
-    best_sync = min(p.nll for p in sync_run.points)
-    target = max(best_async, best_sync)
-    out: dict[str, Any] = {
-        "definition": "t_sync(target) / t_async(target), virtual seconds to the first global version whose "
-        "pooled held-out NLL <= target; target = max(best async NLL, best sync NLL), the best loss both "
-        "runs reach",
-        "initial_nll": initial,
-        "best_nll_async": best_async,
-        "best_nll_sync": best_sync,
-        "target_nll": target,
-        "time_to_target_async_s": None,
-        "time_to_target_sync_s": None,
-        "updates_to_target_async": None,
-        "updates_to_target_sync": None,
-        "async_vs_sync_speedup": None,
-        "reason": None,
-    }
-    if target >= initial - 1e-9:
-        out["reason"] = "one of the runs never got below the v0 loss, so there is no common target"
-        return out
-    p_async, p_sync = first_at(async_run.points, target), first_at(sync_run.points, target)
-    if p_async is not None and p_sync is not None:
-        out["time_to_target_async_s"], out["time_to_target_sync_s"] = p_async.virtual_s, p_sync.virtual_s
-        out["updates_to_target_async"], out["updates_to_target_sync"] = p_async.updates, p_sync.updates
-        if p_async.virtual_s > 0:
-            out["async_vs_sync_speedup"] = p_sync.virtual_s / p_async.virtual_s
-    return out

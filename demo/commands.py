@@ -1,4 +1,4 @@
-"""``pfi demo``: see :mod:`services.demo.runner` for the phases and the README for the report."""
+"""``pfi demo``: see :mod:`demo.runner` for the phases and the README for the report."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.demo.config import DEFAULT_DATA, DEFAULT_MODEL
+from demo.config import DEFAULT_DATA, DEFAULT_MODEL
 
 
 def _run(args: argparse.Namespace) -> int:
-    from services.demo.config import DemoConfig
-    from services.demo.runner import command_line, run_demo
+    from demo.config import DemoConfig
+    from demo.runner import command_line, run_demo
 
     cfg = DemoConfig.preset(
         args.quick,

