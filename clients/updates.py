@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from pydantic import ValidationError
 
-from schemas.chunking import split_frame
+from schemas.chunking import split_update
 from schemas.codec import encode_tensors, sha256_hex
 from schemas.errors import SchemaError
 from schemas.events import (
@@ -25,7 +25,6 @@ from schemas.events import (
     field_of,
     make_envelope,
 )
-from schemas.frame import encode_frame
 from schemas.signing import sign_update
 
 
@@ -81,13 +80,4 @@ def update_messages(
     """The messages of one update: one frame, or its ordered chunks, each signed with ``key`` (the
     client's key; the ingest refuses unsigned chunks). ``chunk_bytes``: a size, or settings carrying one."""
     size = chunk_bytes if isinstance(chunk_bytes, int) else chunk_bytes.chunk_bytes
-    update = envelope.data
-    return split_frame(
-        encode_frame(envelope),
-        federation=update.federation,
-        client_id=update.client_id,
-        update_id=update.update_id,
-        chunk_bytes=size,
-        source=envelope.source,
-        key=key,
-    )
+    return split_update(envelope, size, key=key)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from schemas.errors import ChunkError, ConfigError, PayloadTooLargeError, RejectReason
-from schemas.events import AdapterUpdateChunk, make_envelope
+from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope, make_envelope
 from schemas.frame import encode_frame
 
 
@@ -119,6 +119,21 @@ class ReassemblyBudget:
 
     def _release(self, n: int) -> None:  # under ``lock``
         self._reserved = max(0, self._reserved - n)
+
+
+def split_update(envelope: Envelope[AdapterUpdate], chunk_bytes: int, *, key: bytes | None) -> list[bytes]:
+    """The messages of one update: its frame, or its ordered chunks signed with ``key`` (the client's key;
+    verifiers refuse unsigned chunks, so ``None`` only builds what a test means to be refused)."""
+    update = envelope.data
+    return split_frame(
+        encode_frame(envelope),
+        federation=update.federation,
+        client_id=update.client_id,
+        update_id=update.update_id,
+        chunk_bytes=chunk_bytes,
+        source=envelope.source,
+        key=key,
+    )
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
-from schemas.chunking import split_frame
+from schemas.chunking import split_update
 from schemas.errors import PFIError
 from schemas.events import AdapterUpdate, Envelope
-from schemas.frame import encode_frame
 from services.settings import PFISettings
 from services.stack.topics import producer_limits
 from services.transport import Principal, kafka_kwargs
@@ -54,22 +53,6 @@ class Produced:
 class _InFlight:
     generation: int
     futures: list[asyncio.Future[Any]]
-
-
-def envelope_messages(
-    envelope: Envelope[AdapterUpdate], chunk_bytes: int, *, key: bytes | None = None
-) -> list[bytes]:
-    """The Kafka message values of one update: one frame, or its ordered chunks (signed with ``key``)."""
-    update = envelope.data
-    return split_frame(
-        encode_frame(envelope),
-        federation=update.federation,
-        client_id=update.client_id,
-        update_id=update.update_id,
-        chunk_bytes=chunk_bytes,
-        source=envelope.source,
-        key=key,
-    )
 
 
 class UpdateProducer:
@@ -205,7 +188,7 @@ class UpdateProducer:
     async def send(self, envelope: Envelope[AdapterUpdate], *, key: bytes | None = None) -> int:
         """Produce an update (chunked at ``settings.chunk_bytes`` when large; chunks signed with ``key``);
         returns the number of Kafka messages."""
-        messages = envelope_messages(envelope, self.settings.chunk_bytes, key=key)
+        messages = split_update(envelope, self.settings.chunk_bytes, key=key)
         return await self.send_raw(envelope.data.federation, messages)
 
     @property

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from schemas.chunking import split_update
 from schemas.events import AdapterUpdate, AdapterUpdateChunk
 from schemas.frame import encode_frame
 from schemas.signing import generate_key
 from services.identity.registry import ClientRegistry
-from services.ingest.producer import envelope_messages
 from services.personalization.harness import Harness, serving
 from services.settings import PFISettings, ServeSettings
 from tests.support.federations import fed_name, read_events
@@ -106,7 +106,7 @@ async def test_abuse_cases_are_refused_and_nothing_is_produced(world: World, red
     # unsigned chunk, and a chunk signed with another key
     big = world.update("dev-a", numel=300_000)
     for chunk_key, code in ((None, "unsigned"), (generate_key(), "bad_signature")):
-        chunks = envelope_messages(big, 64 * 1024, key=chunk_key)
+        chunks = split_update(big, 64 * 1024, key=chunk_key)
         assert len(chunks) > 1
         r = await post(h, fed, chunks[0], world.token("dev-a"))
         assert (r.status_code, error_code(r)) == (403, code), r.text
@@ -165,7 +165,7 @@ async def test_whole_and_chunked_updates_are_produced_and_decode(world: World) -
     assert body["offset"] >= 0
 
     big = world.update("dev-b", numel=300_000)
-    chunks = envelope_messages(big, 128 * 1024, key=world.keys["dev-b"])
+    chunks = split_update(big, 128 * 1024, key=world.keys["dev-b"])
     assert len(chunks) > 2
     partitions = set()
     for chunk in chunks:
