@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -25,14 +24,12 @@ def test_virtual_clock_pops_events_in_time_order_ties_in_scheduling_order() -> N
 
 async def test_virtual_sleep_waits_for_nothing_and_wall_sleep_stops_early() -> None:
     virtual: VirtualClock[int] = VirtualClock()
-    began = time.perf_counter()
-    await virtual.sleep(3600.0)
+    await asyncio.wait_for(virtual.sleep(3600.0), 30)  # a guard against hanging, not a timing check
     assert virtual.now() == 3600.0
     stop = asyncio.Event()
     wall = WallClock(stop)
     asyncio.get_running_loop().call_later(0.05, stop.set)
-    await wall.sleep(3600.0)
-    assert time.perf_counter() - began < 5.0
+    await asyncio.wait_for(wall.sleep(3600.0), 30)  # returns when stopped, long before the hour
     assert wall.now() > 0
 
 
