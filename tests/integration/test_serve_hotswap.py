@@ -138,6 +138,17 @@ async def test_a_new_global_version_from_the_aggregator_is_served_within_2s(
 
 
 async def test_in_flight_requests_finish_on_the_old_version(h: Harness, redis_client: Redis) -> None:
+    # The scenario needs a request still running when the swap lands; on a loaded machine the tiny model can
+    # finish its 450 tokens first. Such a run proves nothing either way, so it is tried again (a fresh
+    # federation each time); every assertion about the swap itself holds in the run that overlapped.
+    for _ in range(3):
+        if await _swap_during_a_long_request(h, redis_client):
+            return
+    raise AssertionError("the long request finished before the swap three times; make it longer")
+
+
+async def _swap_during_a_long_request(h: Harness, redis_client: Redis) -> bool:
+    """False when the long request finished before the swap (nothing checked); else checks and True."""
     store = VersionStore(redis_client)
     spec = await new_federation(store)
     name = spec.name
@@ -172,7 +183,9 @@ async def test_in_flight_requests_finish_on_the_old_version(h: Harness, redis_cl
             break
         await asyncio.sleep(0.01)
     result = await long
-    assert swapped_while_running, "the long request finished before the swap; make it longer"
+    if not swapped_while_running:
+        await wait_for(lambda: runtime.current is not None and runtime.current.version == 1, timeout=10)
+        return False
     assert result["global_version"] == 0
     assert len(result["tokens"]) == 450 or result["finish_reason"] == "eos"
     assert max(copies) <= 2
@@ -180,6 +193,7 @@ async def test_in_flight_requests_finish_on_the_old_version(h: Harness, redis_cl
     assert meta.version == 1
     assert (await score(h, name))["global_version"] == 1
     assert runtime.copies <= 2
+    return True
 
 
 async def test_pinned_versions_rollback_and_the_copy_bound(h: Harness, redis_client: Redis) -> None:
