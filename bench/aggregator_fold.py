@@ -140,22 +140,22 @@ def stage_times(
     buffer_size: int,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Seconds per stage for one update of ``point``, as the service runs them (its CPU path without
-    Kafka and Redis: chunk frames decoded without their digest, which the reassembler checks; the payload
-    hashed once, for the frame check and the signature); with ``profile``, the top functions of a
-    cProfile of the whole path."""
+    """CPU seconds (of the worker thread) per stage for one update of ``point``, as the service runs them
+    (its CPU path without Kafka and Redis: chunk frames decoded without their digest, which the
+    reassembler checks; the payload hashed once, for the frame check and the signature, or not at all
+    when chunked: its chunks were); with ``profile``, the top functions of a cProfile of the whole path."""
     cap = settings.max_update_bytes
     view = _view(spec, point.shapes)
     global_state = {k: torch.zeros(s) for k, s in point.shapes.items()}
     stages: dict[str, list[float]] = {}
 
     def clock(name: str, started: float) -> float:
-        now = time.perf_counter()
+        now = time.thread_time()  # CPU seconds of this worker thread: the machine's other load is not in it
         stages.setdefault(name, []).append(now - started)
         return now
 
     def path() -> None:
-        t = time.perf_counter()
+        t = time.thread_time()
         frame: bytes | None = None
         if len(messages) > 1:
             reassembler: Reassembler[tuple[int, int]] = Reassembler(
@@ -168,24 +168,26 @@ def stage_times(
             for i, chunk in enumerate(chunks):
                 frame = reassembler.add(chunk, (0, i)) or frame
             t = clock("reassemble (chunk + frame sha256)", t)
+        chunked = frame is not None  # its payload is covered by the signed, hashed chunks: not hashed again
         frame = frame or messages[0]
         whole = decode_frame(frame, max_frame_bytes=cap, expected=AdapterUpdate, verify_digest=False)
         t = clock("decode update frame", t)
-        verify_payload_digest(whole)
-        t = clock("payload sha256", t)
+        if not chunked:
+            verify_payload_digest(whole)
+        t = clock("payload sha256 (unchunked updates)", t)
         verify_update(whole, keys, payload_verified=True)
         t = clock("verify signature (HMAC of the header)", t)
         update = whole.data
         delta = decode_tensors(update.payload, update.encoding, max_decoded_bytes=settings.max_decoded_bytes)
         t = clock("decode tensors (safetensors)", t)
-        state_l2_norm(delta)
+        norm = state_l2_norm(delta)
         t = clock("L2 norm (= finite check)", t)
         validate_update(
             whole, view, keys, max_decoded_bytes=settings.max_decoded_bytes, payload_verified=True
         )
         t = clock("= validate_update (the 3 above + shapes)", t)
-        items = [
-            BufferedUpdate(f"u{i}", update.client_id, delta, update.num_samples, 0)
+        items = [  # with validation's norm, as the service buffers them
+            BufferedUpdate(f"u{i}", update.client_id, delta, update.num_samples, 0, norm)
             for i in range(buffer_size)
         ]
         result = aggregate(global_state, items, spec.aggregation)
@@ -198,6 +200,7 @@ def stage_times(
     for _ in range(max(1, repeats)):
         pool.submit(path).result()
     out: dict[str, Any] = {"stages": {k: statistics.median(v) for k, v in stages.items()}}
+    out["costs_us"] = cost_breakdown(out["stages"])
     if profile:
         profiler = cProfile.Profile()
         pool.submit(profiler.runcall, path).result()
@@ -205,3 +208,27 @@ def stage_times(
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
         out["profile_top"] = [line for line in text.getvalue().splitlines() if line.strip()][-14:]
     return out
+
+
+def cost_breakdown(stages: dict[str, float]) -> dict[str, float]:
+    """The CPU stages of one update grouped as the capacity model uses them, in µs per update:
+    ``verify`` (every hash and HMAC: chunk and whole digests, signature), ``decode`` (frames and tensors),
+    ``validate`` (norm, finiteness, names and shapes: the rest of ``validate_update``), ``fold`` (the
+    fold and the version blob, per update)."""
+
+    def us(*names: str) -> float:
+        return 1e6 * sum(stages.get(n, 0.0) for n in names)
+
+    verify = us(
+        "reassemble (chunk + frame sha256)",
+        "payload sha256 (unchunked updates)",
+        "verify signature (HMAC of the header)",
+    )
+    decode = us("decode chunk frames", "decode update frame", "decode tensors (safetensors)")
+    validate = max(
+        0.0,
+        us("= validate_update (the 3 above + shapes)")
+        - us("verify signature (HMAC of the header)", "decode tensors (safetensors)"),
+    )
+    fold = us("fold (K updates) / K", "encode version blob / K")
+    return {"verify": verify, "decode": decode, "validate": validate, "fold": fold}

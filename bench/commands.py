@@ -21,6 +21,9 @@ BENCHMARKS = (
     "bench.soak",
     "bench.chaos",
     "bench.attacks",
+    "bench.retrieval",
+    "bench.scaling",
+    "bench.hierarchy_chaos",
 )
 
 SUMMARIES = {
@@ -31,6 +34,9 @@ SUMMARIES = {
     "soak": "a steady update rate for --minutes: RSS growth of each service, lag",
     "chaos": "kill -9 / broker, Redis and server restarts: lost and double-counted updates",
     "attacks": "issue 12 attacks on real aggregator + serve: not refused, beyond the bound, lost (all 0)",
+    "hierarchy-chaos": "issue 15: kill -9 of leaves and roots, lost/double-counted per level (all 0)",
+    "scaling": "issue 15: one hierarchical federation's updates/s with 1, 2, ... leaf processes",
+    "retrieval": "private retrieval: search p50/p99 for a 10k-chunk user, score/generate overhead vs none",
 }
 
 

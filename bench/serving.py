@@ -15,6 +15,9 @@ Measured in one run, against the real Redis (and Kafka for readiness) of the loc
       disabled (``cache_bytes=0``).
 (iii) freshness: a new global version is committed (as the aggregator does) while clients keep
       requesting; freshness = first response served on it - its ``created_at``. Goal: p99 <= 2 s.
+(iv)  streaming: time to the first SSE event of an OpenAI-compatible ``/v1/completions`` stream vs the
+      native ``generate`` with ``max_new_tokens=1``, over real HTTP (:mod:`bench.serving_stream`).
+      Goal: p50 ratio <= 1.1.
 
 Prints a table ending with the key ratios and writes ``bench/results/serving.json`` (``ratios`` holds
 the headline numbers; ``--out`` elsewhere). ``--model``: ``tiny`` (the default: the deterministic tiny
@@ -41,6 +44,7 @@ from redis.asyncio import Redis
 from bench.common import BenchError, meets, ratio_lines, result_path, say, write_result
 from bench.serving_latency import freshness, latency
 from bench.serving_setup import MODELS, SMOLLM2, create, drop, load_model, loader_of, personal
+from bench.serving_stream import stream_ttft
 from bench.serving_throughput import throughput
 from modeling.base import TINY_LLAMA
 from modeling.blobs import BLOB_ENCODING
@@ -51,7 +55,12 @@ from services.settings import MIB, PFISettings, ServeSettings
 from services.store.versions import VersionStore
 
 NAME = "serving"
-GOALS = {"p50_vs_base": "<= 1.15", "throughput_vs_per_request_load": ">= 10", "freshness_p99_s": "<= 2"}
+GOALS = {
+    "p50_vs_base": "<= 1.15",
+    "throughput_vs_per_request_load": ">= 10",
+    "freshness_p99_s": "<= 2",
+    "stream_ttft_vs_native": "<= 1.1",
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,8 @@ async def _run(sizes: Sizes) -> dict[str, Any]:
             result["torch_threads_serving"] = torch.get_num_threads()
             say("serving bench: (i) latency ...")
             result["latency"] = await latency(h, spec.name, sizes.latency_rounds, sizes.new_tokens)
+            say("serving bench: (iv) streaming time to first token ...")
+            result["stream"] = await stream_ttft(h, spec.name, sizes.latency_rounds, sizes.new_tokens)
             say("serving bench: (iii) freshness ...")
             result["freshness"] = await freshness(
                 h, store, spec, sizes.versions, sizes.gap_s, clients=sizes.fresh_clients
@@ -178,6 +189,7 @@ async def _run(sizes: Sizes) -> dict[str, Any]:
         "throughput_vs_reused_adapter_load": thr["ratio_vs_reused_adapter_load"],
         "throughput_vs_cache_off": thr["ratio_vs_cache_off"],
         "freshness_p99_s": result["freshness"]["p99_s"],
+        "stream_ttft_vs_native": result["stream"]["ttft_ratio"],
     }
     bad = [k for k, v in result["ratios"].items() if not (isinstance(v, float | int) and math.isfinite(v))]
     if bad:
@@ -225,6 +237,12 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"(iii) freshness over {fresh['versions']} versions: p50 {fresh['p50_s']}s  p99 {fresh['p99_s']}s  "
         f"max {fresh['max_s']}s  (merge + swap {fresh['swap_seconds_mean']}s)"
+    )
+    lines.append("")
+    native, sse = result["stream"]["native_generate_1_token"], result["stream"]["stream_first_event"]
+    lines.append(
+        f"(iv) time to first token over HTTP, p50/p99 ms: native generate (1 token) "
+        f"{native['p50_ms']:.2f}/{native['p99_ms']:.2f}, SSE stream {sse['p50_ms']:.2f}/{sse['p99_ms']:.2f}"
     )
     lines.append("")
     lines.extend(ratio_lines(result["ratios"], GOALS))

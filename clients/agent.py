@@ -35,7 +35,9 @@ from typing import Any
 from clients.data import UserData
 from clients.outbox import DrainResult, Outbox, OutboxPublisher, Sender
 from clients.personal import DiskPersonalStore, PersonalStore
+from clients.personalize import PersonalizeConfig, PersonalizeResult, personalize
 from clients.privacy import PrivatizedDelta, check_privacy_options, privatize
+from clients.quality import DEFAULT_SEQUENCES, DiskQualityMemory, QualityProbe, QualityReport
 from clients.settings import EdgeSettings
 from clients.source import GlobalAdapter, GlobalSource
 from clients.training import AdapterTrainer, TrainConfig, TrainResult
@@ -77,6 +79,7 @@ class AgentOptions:
     encoding: TensorEncoding = field(default_factory=wire_encoding)
     noise_seed: int | None = None  # None: noise from the OS CSPRNG (tests fix it)
     drain: bool = True  # try to send right after queueing (False: leave it to flush())
+    quality_sequences: int = DEFAULT_SEQUENCES  # held-out sequences scored for the quality report (0: none)
 
     def __post_init__(self) -> None:
         check_privacy_options(self.clip_norm, self.noise_multiplier)
@@ -132,9 +135,11 @@ class RoundResult:
     published: bool
     queued: int
     send_error: str | None
+    quality: QualityReport = field(default_factory=QualityReport)  # what the update reported (issue 16)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["quality"] = self.quality.fields()
         out["dp"] = self.dp.model_dump() if self.dp is not None else None
         out["encoding"] = self.encoding.model_dump()
         return out
@@ -202,6 +207,8 @@ class EdgeAgent:
             retry_max_s=edge.retry_max_s,
         )
         self.rounds = 0
+        memory = DiskQualityMemory(state_dir) if state_dir is not None else None
+        self.quality = QualityProbe(memory, sequences=self.options.quality_sequences)
 
     @property
     def outbox(self) -> Outbox:
@@ -243,7 +250,28 @@ class EdgeAgent:
 
     # -- a round -------------------------------------------------------------------------------------
 
-    def _prepare(self, base_version: int, spec_fingerprint: str, result: TrainResult) -> _Prepared:
+    def _measure_quality(
+        self, adapter: GlobalAdapter, personal: StateDict | None, data: UserData, cfg: TrainConfig
+    ) -> QualityReport:
+        """The round's quality report (``personal``: as it will be served); blocking, like training."""
+        return self.quality.measure(
+            self.trainer,
+            self.federation,
+            adapter.version,
+            adapter.state,
+            personal,
+            data,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+        )
+
+    def _prepare(
+        self,
+        base_version: int,
+        spec_fingerprint: str,
+        result: TrainResult,
+        quality: QualityReport | None = None,
+    ) -> _Prepared:
         seed = None
         if self.options.noise_seed is not None:
             seed = (self.options.noise_seed * 1_000_003 + self.rounds) & (2**63 - 1)
@@ -258,6 +286,7 @@ class EdgeAgent:
             loss_after=_finite(result.loss_after),
             steps=result.steps,
             train_seconds=max(result.seconds, 0.0),
+            **(quality or QualityReport()).fields(),
         )
         envelope = build_update(
             federation=self.federation,
@@ -300,9 +329,12 @@ class EdgeAgent:
             result = await loop.run_in_executor(
                 self.executor, self.trainer.train, adapter.state, personal, data, cfg
             )
+            quality = await loop.run_in_executor(
+                self.executor, self._measure_quality, adapter, result.personal, data, cfg
+            )
         if pause is not None:
             await pause(result.seconds)
-        prepared = await asyncio.to_thread(self._prepare, adapter.version, fingerprint, result)
+        prepared = await asyncio.to_thread(self._prepare, adapter.version, fingerprint, result, quality)
         update = prepared.envelope.data
         item = await self.publisher.enqueue(update.update_id, self.federation, prepared.messages)
         await asyncio.to_thread(self.personal_store.save, self.user_id, fingerprint, result.personal)
@@ -330,11 +362,30 @@ class EdgeAgent:
             published=published,
             queued=len(self.outbox),
             send_error=None if published or drained is None else drained.error,
+            quality=quality,
         )
 
     async def flush(self, timeout_s: float) -> DrainResult:
         """Send whatever is queued, retrying with back-off for up to ``timeout_s``."""
         return await self.publisher.flush(timeout_s)
+
+    async def personalize(self, data: UserData, cfg: PersonalizeConfig) -> tuple[PersonalizeResult, int]:
+        """The on-device personalization step (:mod:`clients.personalize`) against the latest global:
+        the personal adapter is fitted with the global frozen and kept (unscaled) as the user's personal
+        adapter; returns the result (with its gate) and the global version it was fitted against."""
+        if data.user_id != self.user_id:
+            raise ConfigError(f"agent of {self.user_id!r} got the data of {data.user_id!r}")
+        spec = await self.source.spec(self.federation)
+        self.check_spec(spec)
+        fingerprint = spec.fingerprint()
+        adapter = await self.source.latest(self.federation)
+        self.check_adapter(adapter)
+        personal = await asyncio.to_thread(self.personal_store.load, self.user_id, fingerprint)
+        result = await asyncio.get_running_loop().run_in_executor(
+            self.executor, personalize, self.trainer, adapter.state, personal, data, cfg
+        )
+        await asyncio.to_thread(self.personal_store.save, self.user_id, fingerprint, result.personal)
+        return result, adapter.version
 
     def personal_adapter(self) -> StateDict | None:
         """The persisted personal adapter (``None`` before the first round)."""

@@ -127,6 +127,38 @@ def _service_url(edge: EdgeSettings) -> str:
 # ---------------------------------------------------------------------------------------------- run
 
 
+async def _personalize(
+    agent: Any, source: Any, data: Any, cfg: Any, edge: EdgeSettings, progress: Any
+) -> dict[str, Any]:
+    """The personalization step after the rounds (``PFI_EDGE_PERSONALIZE_STEPS`` > 0): fit, gate and
+    upload the personal adapter."""
+    from clients.personalize import PersonalizeConfig
+
+    pcfg = PersonalizeConfig(
+        steps=edge.personalize_steps,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        lr=edge.personalize_lr,
+        seed=cfg.seed,
+    )
+    result, version = await agent.personalize(data, pcfg)
+    info = await source.upload_personal(
+        agent.federation, agent.user_id, result.personal, trained_against=version, gate=result.gate
+    )
+    progress.write(
+        f"personalized against v{version}: {result.steps} steps, gate {result.gate:g} (validation NLL "
+        f"{result.val_nll[0.0]:.4f} -> {result.val_nll[result.gate]:.4f}); uploaded as version "
+        f"{info.get('version')}"
+    )
+    return {
+        "gate": result.gate,
+        "trained_against": version,
+        "steps": result.steps,
+        "val_nll": {f"{g:g}": v for g, v in result.val_nll.items()},
+        "adapter_version": info.get("version"),
+    }
+
+
 async def _run(args: argparse.Namespace) -> int:
     from clients.agent import EdgeAgent, SpecMismatchError
     from clients.data import UserData, load_users
@@ -156,6 +188,7 @@ async def _run(args: argparse.Namespace) -> int:
     source = HttpGlobalSource(url, identity.token, timeout_s=edge.http_timeout_s)
     sender = HttpUpdateSender(url, identity.token, refresh=identity.refresh, timeout_s=edge.http_timeout_s)
     results: list[dict[str, Any]] = []
+    personalized: dict[str, Any] | None = None
     progress = Progress(
         desc=f"edge {args.user}", total=args.rounds, unit="rounds", enabled=not args.no_progress
     )
@@ -198,6 +231,8 @@ async def _run(args: argparse.Namespace) -> int:
             )
             if args.interval > 0 and index + 1 < args.rounds:
                 await asyncio.sleep(args.interval)
+        if edge.personalize_steps > 0:
+            personalized = await _personalize(agent, source, data, cfg, edge, progress)
         timeout = args.flush_timeout if args.flush_timeout is not None else edge.flush_timeout_s
         leftover = await agent.flush(timeout)
         rejected = len(outbox.rejected())
@@ -212,6 +247,7 @@ async def _run(args: argparse.Namespace) -> int:
         "client_id": identity.client_id,
         "seed": seed,
         "rounds": results,
+        "personalize": personalized,
         "published": sum(1 for r in results if r["published"]) + leftover.sent,
         "queued": leftover.remaining,
         "rejected": rejected,

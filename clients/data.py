@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +32,9 @@ from schemas.errors import ConfigError
 USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 SPEAKER_RE = re.compile(r"^[A-Z][A-Za-z .']*:$")
 _PARAGRAPH_SPLIT_RE = re.compile(r"\n[ \t]*\n+")
+
+SplitMode = Literal["random", "tail"]
+SPLIT_MODES: tuple[SplitMode, ...] = ("random", "tail")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,10 @@ class UserData:
     heldout_text: str
 
     @classmethod
-    def from_text(cls, user_id: str, text: str, *, heldout_fraction: float = 0.1) -> UserData:
-        train, heldout = split_user_text(text, heldout_fraction=heldout_fraction, seed=user_id)
+    def from_text(
+        cls, user_id: str, text: str, *, heldout_fraction: float = 0.1, mode: SplitMode = "random"
+    ) -> UserData:
+        train, heldout = split_user_text(text, heldout_fraction=heldout_fraction, seed=user_id, mode=mode)
         return cls(user_id=user_id, train_text=train, heldout_text=heldout)
 
     def num_samples(self, seq_len: int, tokenizer: Any | None = None) -> int:
@@ -166,24 +171,35 @@ def _seed_int(seed: str) -> int:
     return int.from_bytes(hashlib.sha256(seed.encode("utf-8")).digest()[:8], "big")
 
 
-def split_user_text(text: str, *, heldout_fraction: float = 0.1, seed: str) -> tuple[str, str]:
+def split_user_text(
+    text: str, *, heldout_fraction: float = 0.1, seed: str, mode: SplitMode = "random"
+) -> tuple[str, str]:
     """Deterministic ``(train, heldout)`` split of one user's text.
 
     Paragraphs (blank-line separated turns) are the unit: ``round(fraction * n)`` of them, at least one
-    and at most ``n - 1``, chosen by an RNG seeded with ``seed`` (the user id), go to the held-out part;
-    both parts keep the original order. With fewer than two paragraphs the last ``fraction`` of the
-    characters (moved to a whitespace boundary when there is one) is held out. ``heldout_fraction=0``
-    holds out nothing.
+    and at most ``n - 1``, go to the held-out part; both parts keep the original order. ``mode``:
+
+    * ``"random"``: the held-out paragraphs are chosen by an RNG seeded with ``seed`` (the user id);
+    * ``"tail"`` (time-like): the **last** paragraphs are held out, so the held-out text comes after
+      all of the training text, as a user's next messages come after their history.
+
+    With fewer than two paragraphs the last ``fraction`` of the characters (moved to a whitespace
+    boundary when there is one) is held out, in both modes. ``heldout_fraction=0`` holds out nothing.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ConfigError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if mode not in SPLIT_MODES:
+        raise ConfigError(f"split mode must be one of {list(SPLIT_MODES)}, got {mode!r}")
     if heldout_fraction == 0.0:
         return text, ""
     paragraphs = _paragraphs(text)
     if len(paragraphs) >= 2:
         n = len(paragraphs)
         k = min(max(round(heldout_fraction * n), 1), n - 1)
-        held = set(random.Random(_seed_int(seed)).sample(range(n), k))
+        if mode == "tail":
+            held = set(range(n - k, n))
+        else:
+            held = set(random.Random(_seed_int(seed)).sample(range(n), k))
         train = "\n\n".join(p for i, p in enumerate(paragraphs) if i not in held)
         heldout = "\n\n".join(p for i, p in enumerate(paragraphs) if i in held)
         return train, heldout

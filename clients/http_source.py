@@ -126,6 +126,7 @@ class HttpGlobalSource:
         *,
         trained_against: int,
         encoding: TensorEncoding = BLOB_ENCODING,
+        gate: float = 1.0,
     ) -> dict[str, Any]:
         return await upload_personal_adapter(
             self.client,
@@ -136,6 +137,7 @@ class HttpGlobalSource:
             trained_against=trained_against,
             encoding=encoding,
             base_url=self.base_url,
+            gate=gate,
         )
 
     async def personal_info(self, federation: str, user: str) -> dict[str, Any] | None:
@@ -174,13 +176,16 @@ async def upload_personal_adapter(
     trained_against: int,
     encoding: TensorEncoding = BLOB_ENCODING,
     base_url: str = "",
+    gate: float = 1.0,
 ) -> dict[str, Any]:
-    """PUT a personal adapter (keyed like the federation's adapter); returns its metadata."""
+    """PUT a personal adapter (keyed like the federation's adapter) served at ``gate`` (0..1: the scale
+    of its output, see :mod:`clients.personalize`); returns its metadata."""
     blob = await asyncio.to_thread(encode_tensors, state, encoding)
     params = {
         "trained_against": str(trained_against),
         "dtype": encoding.dtype,
         "quantization": encoding.quantization,
+        "gate": repr(float(gate)),
     }
     try:
         response = await client.put(

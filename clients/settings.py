@@ -72,6 +72,15 @@ class EdgeSettings(BaseSettings):
     seq_len: int = Field(default=128, ge=2)
     lr: float = Field(default=5e-3, gt=0)
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    personalize_steps: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="after its rounds, `pfi edge run` fits the personal adapter against the latest global "
+        "for this many steps, chooses its gate on the user's own validation text and uploads it "
+        "(clients.personalize; 0: off, it costs about as much as a round)",
+    )
+    personalize_lr: float = Field(default=4e-3, gt=0, le=1.0, description="learning rate of that step")
 
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else default_home() / "edge"

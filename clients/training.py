@@ -219,10 +219,12 @@ class AdapterTrainer:
         *,
         seq_len: int = 128,
         batch_size: int = 8,
+        max_sequences: int | None = None,
     ) -> EvalResult:
         """Mean per-token NLL and next-token accuracy over ``texts`` (each packed on its own) with the
         given adapters active: ``{}`` base only, ``{"shared": g}`` global only, ``{"personal": p}``
-        local only, both keys for base + global + personal. ``None`` values count as absent."""
+        local only, both keys for base + global + personal. ``None`` values count as absent.
+        ``max_sequences``: score only the first that many packed sequences (a cheap, fixed sample)."""
         unknown = set(adapters) - set(SLOTS)
         if unknown:
             raise ConfigError(f"unknown adapter slots {sorted(unknown)}; use {list(SLOTS)}")
@@ -234,7 +236,7 @@ class AdapterTrainer:
                 self._load(slot, state)
             if active:
                 self._activate(active)
-            blocks = self._blocks(texts, seq_len)
+            blocks = self._blocks(texts, seq_len)[:max_sequences]
             with self._adapters_off(not active):
                 return self._nll(blocks, batch_size)
 

@@ -31,6 +31,11 @@ def _run(args: argparse.Namespace) -> int:
         async_buffer=args.buffer_size,
         speed_sigma=args.speed_sigma,
         eval_chunks=args.eval_chunks,
+        split=args.split,
+        personal_steps=args.personal_steps,
+        personal_step_lr=args.personal_step_lr,
+        rag_k=args.rag_k,
+        rag_context_tokens=args.rag_context_tokens,
     )
     run_demo(cfg, command=command_line(sys.argv[2:] if sys.argv[1:2] == ["demo"] else []))
     return 0
@@ -42,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the main job: a personalized federation on SmolLM2, evaluated through the service",
         description="Start the local stack, the aggregator and the personalization service; run a fleet "
         "of edge agents (one per user) as async FedBuff and as sync FedAvg on a virtual clock; train a "
-        "local-only baseline; score base / local-only / global-only / personalized through the service; "
-        "write report.md, report.json and PNG plots. Full run <= 45 min, --quick <= 10 min on 2 cores.",
+        "local-only baseline; let each device fit and gate its personal adapter; score base / local-only / "
+        "global-only / personalized (ungated, gated) / global+RAG / personalized+RAG through the service; "
+        "write report.md, report.json and PNG plots. Full run <= 30 min, --quick <= 10 min on 2 cores.",
     )
     parser.add_argument(
         "--data",
@@ -64,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--keep-stack", action="store_true", help="leave Kafka, Redis and the topics running")
     parser.add_argument("--seed", type=int, default=None, help="speeds, delays, LoRA init and batches (0)")
     tuning = parser.add_argument_group("tuning (defaults from the preset)")
-    tuning.add_argument("--rounds", type=int, default=None, help="updates per user in each run (4; quick 3)")
+    tuning.add_argument("--rounds", type=int, default=None, help="updates per user in each run (3)")
     tuning.add_argument("--steps", type=int, default=None, help="local steps per update (3)")
     tuning.add_argument("--batch-size", type=int, default=None, help="sequences per step (4)")
     tuning.add_argument("--seq-len", type=int, default=None, help="tokens per training sequence (64)")
@@ -75,5 +81,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tuning.add_argument(
         "--speed-sigma", type=float, default=None, help="device speeds ~ lognormal(0, s) (0.8)"
     )
-    tuning.add_argument("--eval-chunks", type=int, default=None, help="held-out chunks per user (4; quick 3)")
+    tuning.add_argument("--eval-chunks", type=int, default=None, help="held-out chunks per user (3)")
+    tuning.add_argument(
+        "--split",
+        choices=["tail", "random"],
+        default=None,
+        help="held-out part of each user: the last paragraphs (tail: time-like, default) or random ones",
+    )
+    tuning.add_argument(
+        "--personal-steps", type=int, default=None, help="steps of the on-device personalization step"
+    )
+    tuning.add_argument(
+        "--personal-step-lr", type=float, default=None, help="learning rate of the personalization step"
+    )
+    tuning.add_argument("--rag-k", type=int, default=None, help="chunks retrieved per scored chunk (4)")
+    tuning.add_argument(
+        "--rag-context-tokens", type=int, default=None, help="tokens of retrieved context, at most"
+    )
     parser.set_defaults(func=_run)

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from demo.evaluation import ASYNC_VARIANTS, LABELS, VARIANTS
+from demo.plots import PLOTS
+from demo.report_personal import components, personalization_goals, user_table, variant_table
 
-GOAL_PERSONALIZATION = 0.20
 GOAL_SPEEDUP = 3.0
-
-PLOTS = {
-    "per_user_gain": "per_user_gain.png",
-    "loss_vs_time": "loss_vs_time.png",
-    "staleness": "staleness.png",
-    "version_timeline": "version_timeline.png",
-}
+__all__ = ["GOAL_SPEEDUP", "personalization_goals", "summary_table", "write_json", "write_markdown"]
 
 
 def _fmt(value: Any, spec: str = ".4f", none: str = "n/a") -> str:
@@ -33,184 +27,15 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}%"
 
 
-# ------------------------------------------------------------------------------------------- plots
-
-
-def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files: dict[str, str] = {}
-    users = report["users"]
-
-    # 1. per-user gain
-    rows = sorted(users, key=lambda r: r["gain_vs_global"])
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.32 * len(rows) + 1.2)))
-    names = [r["user"] for r in rows]
-    ys = range(len(rows))
-    ax.barh([y + 0.2 for y in ys], [100 * r["gain_vs_global"] for r in rows], 0.4, label="vs global-only")
-    ax.barh([y - 0.2 for y in ys], [100 * r["gain_vs_local"] for r in rows], 0.4, label="vs local-only")
-    ax.set_yticks(list(ys), names, fontsize=8)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.axvline(100 * GOAL_PERSONALIZATION, color="gray", ls="--", lw=0.8, label="goal (20%)")
-    ax.set_xlabel("held-out NLL reduction of personalized (%)")
-    ax.set_title("Per-user gain of base + global + personal")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["per_user_gain"], dpi=110)
-    plt.close(fig)
-    files["per_user_gain"] = PLOTS["per_user_gain"]
-
-    # 2. held-out loss vs time (virtual device time and the demo's real wall clock)
-    runs = report["runs"]
-    target = report["async_vs_sync"].get("target_nll")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, color in (("async", "tab:blue"), ("sync", "tab:orange")):
-        points = runs[mode]["curve"]
-        label = f"{mode} (K={runs[mode]['buffer_size']})"
-        for ax, key in ((axes[0], "virtual_s"), (axes[1], "wall_s")):
-            ax.step(
-                [p[key] for p in points], [p["nll"] for p in points], where="post", color=color, label=label
-            )
-            ax.plot([p[key] for p in points], [p["nll"] for p in points], "o", color=color, ms=3)
-    for ax in axes:
-        if target is not None:
-            ax.axhline(target, color="gray", ls="--", lw=0.8, label="target")
-        ax.set_ylabel("global held-out NLL (pooled)")
-        ax.legend(fontsize=8)
-    axes[0].set_xlabel("virtual device time (s)")
-    axes[0].set_title("vs simulated wall-clock (the comparison)")
-    axes[1].set_xlabel("real seconds of this demo run")
-    axes[1].set_title("vs the demo's own wall-clock (2 CPU cores)")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["loss_vs_time"], dpi=110)
-    plt.close(fig)
-    files["loss_vs_time"] = PLOTS["loss_vs_time"]
-
-    # 3. staleness histogram (async, from the version metadata)
-    staleness = [u["staleness"] for v in runs["async"]["version_meta"] for u in v["updates"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if staleness:
-        counts = Counter(staleness)
-        xs = sorted(counts)
-        ax.bar(xs, [counts[x] for x in xs], color="tab:blue")
-    ax.set_xlabel("staleness τ = version at aggregation - base version")
-    ax.set_ylabel("updates")
-    ax.set_title(f"Async FedBuff staleness ({len(staleness)} aggregated updates)")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["staleness"], dpi=110)
-    plt.close(fig)
-    files["staleness"] = PLOTS["staleness"]
-
-    # 4. version timeline: versions over virtual time, and the async clients' rounds (Gantt)
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [1, 2]})
-    for mode, color in (("async", "tab:blue"), ("sync", "tab:orange")):
-        points = runs[mode]["curve"]
-        axes[0].step(
-            [p["virtual_s"] for p in points],
-            [p["version"] for p in points],
-            where="post",
-            color=color,
-            label=mode,
-        )
-    axes[0].set_ylabel("global version")
-    axes[0].legend(fontsize=8)
-    speeds = report["devices"]["speeds"]
-    order = sorted(speeds, key=lambda u: -speeds[u])
-    for update in runs["async"]["update_records"]:
-        y = order.index(update["user"])
-        axes[1].plot([update["start_s"], update["publish_s"]], [y, y], color="tab:blue", lw=3, alpha=0.7)
-        axes[1].plot([update["publish_s"]], [y], "|", color="black", ms=6)
-    for point in runs["async"]["curve"][1:]:
-        axes[1].axvline(point["virtual_s"], color="gray", lw=0.4, alpha=0.5)
-    axes[1].set_yticks(range(len(order)), [f"{u} (x{speeds[u]:.2f})" for u in order], fontsize=7)
-    axes[1].set_xlabel("virtual device time (s)")
-    axes[1].set_title(
-        "async: each client's rounds (train → publish; speed factor in brackets); grey: new global versions"
-    )
-    xmax = max(runs["sync"]["virtual_s"], runs["async"]["virtual_s"]) * 1.02 or 1.0
-    for ax in axes:
-        ax.set_xlim(0, xmax)
-    fig.tight_layout()
-    fig.savefig(out / PLOTS["version_timeline"], dpi=110)
-    plt.close(fig)
-    files["version_timeline"] = PLOTS["version_timeline"]
-    return files
-
-
 # --------------------------------------------------------------------------------------- markdown
-
-
-def _variant_table(summary: dict[str, Any]) -> list[str]:
-    lines = [
-        "| variant | federation | mean per-user NLL | mean token accuracy | worst-10% NLL "
-        "| NLL vs its global-only |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for v in (*VARIANTS, *ASYNC_VARIANTS):
-        if v not in summary["mean_nll"]:
-            continue
-        nll = summary["mean_nll"][v]
-        glob = summary["mean_nll"]["async_global" if v.startswith("async") else "global"]
-        fed = "async" if v.startswith("async") else ("sync" if v in ("global", "personalized") else "(v0)")
-        lines.append(
-            f"| {LABELS[v]} | {fed} | {nll:.4f} | {summary['mean_token_accuracy'][v]:.4f} | "
-            f"{summary['worst10_nll'][v]:.4f} | {_pct((nll - glob) / glob)} |"
-        )
-    return lines
 
 
 def _discussion(report: dict[str, Any]) -> list[str]:
     s = report["summary"]
     cfg = report["config"]
     av = report["async_vs_sync"]
-    gain = s["rel_gain_personalized_vs_global"]
     speed = s["async_vs_sync_speedup"]
-    seqs = cfg["rounds"] * cfg["steps"] * cfg["batch_size"]
-    tokens_seen = seqs * cfg["seq_len"]
-    mean_train = report["data"]["mean_train_tokens"]
     lines = ["## Discussion", ""]
-    verdict = "reached" if gain >= GOAL_PERSONALIZATION else "not reached"
-    lines += [
-        f"**Personalization goal (≥ 20% lower mean per-user held-out NLL than global-only): {verdict}** — "
-        f"personalized is {100 * gain:.1f}% below global-only "
-        f"({s['mean_nll']['personalized']:.4f} vs {s['mean_nll']['global']:.4f}), "
-        f"{100 * s['rel_gain_personalized_vs_local']:.1f}% below local-only and "
-        f"{100 * s['rel_gain_personalized_vs_base']:.1f}% below the base model; "
-        f"{s['users_personalized_better_than_global']}/{s['users']} users gain (median "
-        f"{100 * s['median_user_gain_vs_global']:.1f}%, range {100 * s['min_user_gain_vs_global']:.1f}% .. "
-        f"{100 * s['max_user_gain_vs_global']:.1f}%).",
-        "",
-        ("What limits it" if gain < GOAL_PERSONALIZATION else "What drives it")
-        + ", with the figures of this run:",
-        "",
-        f"* **Training budget.** A personal adapter gets {cfg['rounds']} rounds x {cfg['steps']} steps x "
-        f"{cfg['batch_size']} sequences of {cfg['seq_len']} tokens = about {tokens_seen:,} tokens, against "
-        f"about {mean_train:,.0f} training tokens per user on average: "
-        f"{100 * tokens_seen / max(mean_train, 1):.0f}% of one epoch. Everything that is common to the "
-        "users (for plays: verse layout, archaic forms) is learnt by the global adapter first; what is "
-        "left for the personal one is the user's own vocabulary, names and topics, which needs several "
-        "epochs.",
-        "* **How different the users are.** Users of one corpus (speakers of one set of plays) share most "
-        "of their style; a held-out passage of a user shares with their training text mostly names and "
-        f"topics. The base → global gain ({100 * s['rel_gain_global_vs_base']:.1f}%) measures what the "
-        "users share; a personal adapter can only win what is specific to one user, and the local-only "
-        f"baseline ({100 * s['rel_gain_local_vs_base']:.1f}% below base) shows how much one user's text "
-        "alone teaches. Users with really different text (other languages, jargon, code) are where a "
-        "personal adapter can earn 20%+.",
-        "* **Capacity and step size.** rank "
-        f"{cfg['rank']} LoRA on {', '.join(cfg['target_modules'])} with personal learning rate "
-        f"{cfg['personal_lr']:g}. A higher rate does not help: in a trial on SmolLM2 with 1.2e-2 the "
-        "personal adapters over-fitted their few hundred tokens and personalized ended ~5% *above* "
-        "global-only. More target modules (MLP) and more local epochs would move this number, at a "
-        "proportional CPU cost.",
-        "",
-        "What would change it: 5-10x more local steps per user (the full run is bounded by 45 min of "
-        "two shared CPU cores), users with more distinct text, and adapting the MLP as well.",
-        "",
-    ]
     if speed is None:
         lines += [
             f"**Async vs sync goal (≥ 3x faster to the same loss): not measurable** — {av.get('reason')}.",
@@ -286,33 +111,39 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "",
         "## Summary",
         "",
-        *_variant_table(s),
+        *variant_table(s),
         "",
-        f"* personalized vs global-only: **{_pct(s['rel_gain_personalized_vs_global'])}** "
-        "(relative reduction of the mean per-user held-out NLL; goal 20%)",
-        f"* personalized vs local-only: **{_pct(s['rel_gain_personalized_vs_local'])}**",
-        "* async federation, personalized vs its global-only: "
+        f"* personalized (gated) vs global-only: median per-user perplexity "
+        f"**{_pct(s['median_ppl_reduction_vs_global'].get('personalized'))}**, personalized + RAG "
+        f"**{_pct(s['median_ppl_reduction_vs_global'].get('personalized_rag'))}**, global + RAG "
+        f"{_pct(s['median_ppl_reduction_vs_global'].get('global_rag'))} (goals 12% and 25%)",
+        f"* mean per-user NLL, personalized vs global-only: {_pct(s['rel_gain_personalized_vs_global'])}; "
+        f"vs local-only: {_pct(s['rel_gain_personalized_vs_local'])}",
+        "* async federation (ungated, no personalization step), personalized vs its global-only: "
         f"{_pct(s.get('async_rel_gain_personalized_vs_global'))}",
-        "* worst-10% users, personalized vs global-only: "
-        f"{_pct(s['worst10_rel_gain_personalized_vs_global'])}",
         f"* async FedBuff vs sync FedAvg, virtual time to the same global loss: "
         f"**{_fmt(s['async_vs_sync_speedup'], '.2f')}x** (goal 3x)",
         "",
         "How to read this: every variant is scored by the personalization service's `score` route on the "
-        "same held-out chunks of each user (text the user's agent never trained on). The four main "
-        "variants use the **sync** federation, where every user trained the same number of rounds, so "
-        "the personalization gain is not mixed up with device speed. *base*: the federation's v0 pinned "
-        "(`global_version=0`; v0 is the PEFT initialization with B = 0, so it is exactly the base model) "
-        "without a personal adapter; *local-only*: v0 + a personal adapter trained alone on the user's "
-        "text with the same rounds, steps, seeds and learning rate; *global-only*: the final global "
-        "adapter, `use_personal=false`; *personalized*: the same global + the user's personal adapter "
-        "from the federated run (uploaded with the user's own token). The *async* rows are the same for "
-        "the async FedBuff federation, where fast devices ran more rounds than slow ones (a user whose "
-        "device finished no round has no personal adapter there and is served base + global). NLL is "
-        "the mean next-token negative log-likelihood in nats per token (lower is better); accuracy is the "
-        "fraction of positions where the most likely token is the right one; worst-10% is the mean NLL "
-        "of the 10% of users (at least one) with the highest NLL under that variant.",
+        "same held-out chunks of each user: the **end** of the user's text (a time-like split; the user's "
+        "agent never trained on it and retrieval never sees it). The main variants use the **sync** "
+        "federation, where every user trained the same number of rounds, so the personalization gain is "
+        "not mixed up with device speed. *base*: v0 pinned (`global_version=0`; v0 is the PEFT "
+        "initialization with B = 0, so it is exactly the base model) without a personal adapter; "
+        "*local-only*: v0 + a personal adapter trained alone on the user's text with the same rounds, "
+        "steps and seeds; *global-only*: the final global adapter, `use_personal=false`; *personal, "
+        "ungated*: the global + the adapter of the device's personalization step at gate 1; "
+        "*personalized (gated)*: the same at the gate the device chose; *+ RAG*: each chunk scored with "
+        "context retrieved from the user's own training text in their private document store (the "
+        "`retrieval` field of `score`; query = the text before the chunk). The *async* rows are the "
+        "async FedBuff federation's final global and its run's personal adapters (ungated). NLL is the "
+        "mean next-token negative log-likelihood in nats per token; perplexity = exp(NLL) per user; "
+        "worst-10% is the mean perplexity of the 10% of users (at least one) with the highest perplexity "
+        "under that variant.",
         "",
+        f"![per-user perplexity]({PLOTS['per_user_ppl']})",
+        "",
+        *components(report),
         "## Async FedBuff vs sync FedAvg",
         "",
         "| run | K | updates | versions | virtual time (s) | first → final NLL | best NLL | demo wall (s) |",
@@ -362,21 +193,10 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
         "",
         f"![per-user gain]({PLOTS['per_user_gain']})",
         "",
-        "| user | train chars | speed | rounds sync / async | base | local-only | global-only | personalized "
-        "| gain vs global | gain vs local | acc. global → pers. | async: global → pers. |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Per-user perplexity (exp of the mean held-out NLL):",
+        "",
+        *user_table(report),
     ]
-    for r in report["users"]:
-        n = r["nll"]
-        a = r["accuracy"]
-        lines.append(
-            f"| {r['user']} | {r['train_chars']:,} | {r['speed']:.2f} | "
-            f"{r['rounds']} / {r['async_rounds']} | "
-            f"{n['base']:.4f} | {n['local']:.4f} | {n['global']:.4f} | {n['personalized']:.4f} | "
-            f"{_pct(r['gain_vs_global'])} | {_pct(r['gain_vs_local'])} | "
-            f"{a['global']:.3f} → {a['personalized']:.3f} | "
-            f"{n['async_global']:.4f} → {n['async_personalized']:.4f} |"
-        )
     lines += ["", *_discussion(report), "## Timings", "", "| phase | seconds |", "|---|---:|"]
     for phase, seconds in report["timings"].items():
         lines.append(f"| {phase} | {seconds:.1f} |")
@@ -402,22 +222,29 @@ def write_markdown(report: dict[str, Any], out: Path) -> Path:
 def summary_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     av = report["async_vs_sync"]
+    median = s["median_ppl_reduction_vs_global"]
     rows = [
         "",
-        f"{'variant':<18} {'mean NLL':>9} {'accuracy':>9} {'worst-10%':>10}",
-        "-" * 50,
+        f"{'variant':<22} {'mean NLL':>9} {'accuracy':>9} {'worst-10% ppl':>14} {'median ppl vs global':>21}",
+        "-" * 79,
     ]
     for v in (*VARIANTS, *ASYNC_VARIANTS):
         if v not in s["mean_nll"]:
             continue
+        versus = _pct(median[v]) if v in median else ""
         rows.append(
-            f"{LABELS[v]:<18} {s['mean_nll'][v]:>9.4f} {s['mean_token_accuracy'][v]:>9.4f} "
-            f"{s['worst10_nll'][v]:>10.4f}"
+            f"{LABELS[v]:<22} {s['mean_nll'][v]:>9.4f} {s['mean_token_accuracy'][v]:>9.4f} "
+            f"{s['worst10_ppl'][v]:>14.2f} {versus:>21}"
         )
+    improved, harmed = s["share_users_improved"], s["share_users_harmed"]
     rows += [
-        "-" * 50,
-        f"personalized vs global-only : {_pct(s['rel_gain_personalized_vs_global'])}  (goal +20.0%)",
-        f"personalized vs local-only  : {_pct(s['rel_gain_personalized_vs_local'])}",
+        "-" * 79,
+        f"personalized vs global-only : median ppl {_pct(median.get('personalized'))} (goal 12%), "
+        f"improved {_share(improved.get('personalized'))}, harmed {_share(harmed.get('personalized'))}",
+        f"personalized + RAG          : median ppl {_pct(median.get('personalized_rag'))} (goal 25%), "
+        f"improved {_share(improved.get('personalized_rag'))} (goal 90%), harmed "
+        f"{_share(harmed.get('personalized_rag'))} (goal <= 2%)",
+        f"personalized vs global-only : {_pct(s['rel_gain_personalized_vs_global'])} mean NLL",
         f"async vs sync speedup       : {_fmt(s['async_vs_sync_speedup'], '.2f')}x  (goal 3x; target NLL "
         f"{_fmt(av.get('target_nll'))}: async {_fmt(av.get('time_to_target_async_s'), '.1f')} s, sync "
         f"{_fmt(av.get('time_to_target_sync_s'), '.1f')} s virtual)",
@@ -426,6 +253,10 @@ def summary_table(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(rows)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def write_json(report: dict[str, Any], out: Path) -> Path:

@@ -30,9 +30,12 @@ rejecting them is the aggregator's job, with the NON_FINITE reason). Every malfo
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import struct
 from collections.abc import Mapping
 
+import numpy as np
 import safetensors.torch
 import torch
 import zstandard
@@ -41,13 +44,17 @@ from schemas.errors import CodecError, PayloadTooLargeError
 from schemas.events import TensorEncoding
 
 SCALE_SUFFIX = "#int8_scale"
-ZSTD_LEVEL = 3
+# Level 1: adapter deltas are float noise that every level compresses alike (measured: 0.914 at level 3, 0.914
+# at 1, for 64 KiB of fp32) at twice the speed (4 MiB: 30 ms at level 3, 15 ms at 1).
+ZSTD_LEVEL = 1
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+_U64 = struct.Struct("<Q")
+_NORM_CHUNK = 1 << 16  # float32 values per float64 norm call (256 KiB: stays in cache)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_EXPANSION = 1 << 16  # zstd emits at most ~32 KiB per input byte (RLE blocks); keep a margin
 
@@ -58,12 +65,51 @@ def sha256_hex(data: bytes) -> str:
 
 
 def state_l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm over every tensor of ``state`` (accumulated in float64; NaN/inf propagate)."""
+    """Global L2 norm over every tensor of ``state`` (accumulated in float64; NaN/inf propagate).
+
+    When the tensors tile one contiguous float32 buffer in order (what :func:`decode_tensors` returns),
+    the norm is one float64 pass over that buffer instead of one call per tensor (issue 15)."""
+    flat = flat_view(state)
+    if flat is not None:
+        if flat.numel() <= _NORM_CHUNK:
+            return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        # In cache-sized pieces: one float64 pass over millions of values is 3x slower than this.
+        squares = 0.0
+        for piece in torch.split(flat, _NORM_CHUNK):
+            norm = float(torch.linalg.vector_norm(piece, dtype=torch.float64))
+            squares += norm * norm
+        return math.sqrt(squares)
     total = 0.0
     for tensor in state.values():
         norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
         total += norm * norm
     return math.sqrt(total)
+
+
+def flat_view(state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D float32 view of the memory the tensors of ``state`` tile back to back (in the mapping's
+    order, each contiguous, all inside the first one's storage), or None."""
+    tensors = list(state.values())
+    if not tensors:
+        return None
+    first = tensors[0]
+    if first.device.type != "cpu":
+        return None
+    f32 = torch.float32
+    ptr = first.data_ptr()
+    total = 0
+    for t in tensors:
+        if t.dtype is not f32 or t.requires_grad or not t.is_contiguous() or t.data_ptr() != ptr:
+            return None
+        n = t.numel()
+        ptr += 4 * n
+        total += n
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    if 4 * (offset + total) > storage.nbytes():
+        return None  # the next tensor only happens to lie next to the first one's storage
+    flat: torch.Tensor = torch.empty(0, dtype=f32).set_(storage, offset, (total,), (1,))
+    return flat
 
 
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
@@ -101,6 +147,9 @@ def _quantize(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
+    fast = _serialize_f32(tensors)
+    if fast is not None:
+        return fast
     # safetensors refuses tensors sharing storage and non-contiguous ones: give each its own buffer.
     seen: set[tuple[int, int]] = set()
     ready: dict[str, torch.Tensor] = {}
@@ -117,6 +166,26 @@ def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
     except Exception as err:  # safetensors raises RuntimeError/ValueError/SafetensorError
         raise CodecError(f"safetensors refused the state dict: {err}") from None
     return bytes(blob)
+
+
+def _serialize_f32(tensors: dict[str, torch.Tensor]) -> bytes | None:
+    """A safetensors blob of float32 CPU tensors written directly (one copy of the values, in the
+    dict's order; readers find tensors by their offsets), or None for anything else."""
+    header: dict[str, dict[str, object]] = {}
+    parts: list[torch.Tensor] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.requires_grad:
+            return None
+        size = 4 * tensor.numel()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        parts.append(tensor.reshape(-1))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # safetensors pads its header to 8 bytes: the values stay aligned
+    flat = flat_view(tensors)
+    values = flat if flat is not None else torch.cat(parts) if parts else torch.empty(0)
+    return b"".join((_U64.pack(len(head)), head, values.numpy().tobytes()))
 
 
 def encode_tensors(state: Mapping[str, torch.Tensor], encoding: TensorEncoding) -> bytes:
@@ -188,6 +257,71 @@ def _load(blob: bytes) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in loaded.items()}
 
 
+_MAX_FAST_HEADER = 16 << 20
+
+
+def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _load_f32(blob: bytes, max_decoded_bytes: int) -> dict[str, torch.Tensor] | None:
+    """The common case of :func:`decode_tensors` (an all-``F32`` safetensors blob, tensors back to back)
+    in one copy: one float32 buffer, every tensor a view of it (so :func:`state_l2_norm` is one pass).
+    None for anything else, which then takes the safetensors path (and its errors): this parser only
+    ever accepts a layout safetensors accepts too, with the same names, shapes, values and order."""
+    if len(blob) < 8:
+        return None
+    (header_len,) = _U64.unpack_from(blob, 0)
+    if header_len > _MAX_FAST_HEADER or 8 + header_len > len(blob):
+        return None
+    try:
+        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_strict_object)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    data_len = len(blob) - 8 - header_len
+    entries: list[tuple[int, int, str, tuple[int, ...]]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                return None
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            return None
+        shape, offsets = info["shape"], info["data_offsets"]
+        if info["dtype"] != "F32" or not isinstance(shape, list) or not isinstance(offsets, list):
+            return None
+        if not all(type(d) is int and d >= 0 for d in shape) or len(offsets) != 2:
+            return None
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            return None
+        if end - begin != 4 * math.prod(shape):
+            return None
+        entries.append((begin, end, name, tuple(shape)))
+    if not entries:
+        return None
+    by_offset = sorted(entries)
+    position = 0
+    for begin, end, _, _ in by_offset:
+        if begin != position:
+            return None  # a gap or an overlap: safetensors decides (it refuses)
+        position = end
+    if position != data_len:
+        return None
+    if data_len > max_decoded_bytes:
+        raise PayloadTooLargeError(f"decoded tensors need {data_len} bytes, cap {max_decoded_bytes}")
+    values = torch.from_numpy(
+        np.frombuffer(blob, dtype="<f4", count=data_len // 4, offset=8 + header_len).copy()
+    )
+    # In offset order (safetensors returns its tensors in no fixed order): the views tile ``values``.
+    return {name: values[begin // 4 : end // 4].view(shape) for begin, end, name, shape in by_offset}
+
+
 def _dequantize(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     scales = {n[: -len(SCALE_SUFFIX)]: t for n, t in raw.items() if n.endswith(SCALE_SUFFIX)}
     values = {n: t for n, t in raw.items() if not n.endswith(SCALE_SUFFIX)}
@@ -225,6 +359,10 @@ def decode_tensors(
     if len(data) > max_decoded_bytes:
         raise PayloadTooLargeError(f"payload of {len(data)} bytes exceeds the cap of {max_decoded_bytes}")
     blob = _decompress(data, max_decoded_bytes) if encoding.compression == "zstd" else data
+    if encoding.quantization == "none" and encoding.dtype == "float32":
+        fast = _load_f32(blob, max_decoded_bytes)
+        if fast is not None:
+            return fast
     raw = _load(blob)
     if not raw:
         raise CodecError("the blob holds no tensors")

@@ -15,7 +15,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.errors import RejectReason, SchemaError, UnknownEventTypeError
 
@@ -100,9 +108,19 @@ class AggregationSpec(StrictModel):
     dp_noise_multiplier: float = Field(default=0.0, ge=0.0, description="server-side Gaussian noise")
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     keep_versions: int = Field(default=20, ge=2)
+    # Issue 15 (hierarchical aggregation, services/aggregator/hierarchy): "single" = one aggregator owns the
+    # federation (its updates keyed by federation); "hierarchical" = updates keyed by client over every
+    # partition, leaf aggregators fold partial aggregates, one root makes the versions.
+    topology: Literal["single", "hierarchical"] = "single"
 
     @model_validator(mode="after")
     def _bounded(self) -> AggregationSpec:
+        if self.topology == "hierarchical" and self.robust != "none":
+            raise ValueError(
+                f"robust={self.robust!r} needs every update of a version in one place (an order statistic "
+                "cannot be computed from partial sums): topology='hierarchical' supports robust='none' "
+                "(norm bounding at the leaves) only"
+            )
         if self.max_update_norm is None and not self.allow_unbounded_norm:
             raise ValueError(
                 "max_update_norm=None lets one client move the global arbitrarily far: "
@@ -178,11 +196,45 @@ class DPMetadata(StrictModel):
     noise_multiplier: float = Field(ge=0)
 
 
+MAX_REPORTED_LOSS = 100.0  # nats per token: ln(vocabulary size) of any real tokenizer is below 13
+
+
+def _reported_loss(description: str) -> Any:
+    """A client's quality report (issue 16): a number (never text), finite, 0..MAX_REPORTED_LOSS.
+    Monitoring only: the aggregator never weighs by it (services/aggregator/quality.py)."""
+    return Field(
+        default=None,
+        ge=0.0,
+        le=MAX_REPORTED_LOSS,
+        allow_inf_nan=False,
+        strict=True,
+        description=description,
+    )
+
+
 class TrainingMetrics(StrictModel):
     loss_before: float | None = None
     loss_after: float | None = None
     steps: int = Field(default=0, ge=0)
     train_seconds: float = Field(default=0.0, ge=0)
+    # Issue 16, all optional (older clients send none): mean per-token NLL on the client's own
+    # validation split, measured after local training.
+    val_loss_global: float | None = _reported_loss("the global version trained from (base_version) alone")
+    val_loss_personal: float | None = _reported_loss("that global + the client's personal adapter")
+    val_loss_prev_global: float | None = _reported_loss("the global version the client had before it")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_reports(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Signatures cover the canonical dump (schemas.signing): an update of a client that predates
+        # these fields must dump to the same bytes as before, so absent reports are left out.
+        out: dict[str, Any] = handler(self)
+        for name in QUALITY_REPORT_FIELDS:
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
+
+
+QUALITY_REPORT_FIELDS = ("val_loss_global", "val_loss_personal", "val_loss_prev_global")
 
 
 class Event(StrictModel):

@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+KIB = 1024
 
 
 class PFISettings(BaseSettings):
@@ -118,6 +119,11 @@ class PFISettings(BaseSettings):
         return f"{self.topic_prefix}.global-versions"
 
     @property
+    def partials_topic(self) -> str:
+        """Partial aggregates of hierarchical federations: leaves write (transactionally), the root reads."""
+        return f"{self.topic_prefix}.partials"
+
+    @property
     def stack_dir(self) -> Path:
         return self.home / "stack"
 
@@ -166,6 +172,18 @@ class AggregatorSettings(BaseSettings):
         "small and the workers already run in parallel: more threads per op oversubscribe the cores",
     )
     unknown_federation_ttl_s: float = Field(default=2.0, ge=0, description="cache of 'no such federation'")
+    # Issue 15: hierarchical aggregation (services/aggregator/hierarchy). "single" is the embedded default.
+    role: Literal["single", "leaf", "root"] = Field(
+        default="single",
+        description="single: one aggregator per federation; leaf/root: hierarchical federations "
+        "(leaves fold partials of their partitions, one root per federation makes versions)",
+    )
+    partial_max_updates: int = Field(
+        default=16, ge=1, description="leaf: most updates in one partial (a version may exceed K by this - 1)"
+    )
+    partial_interval_s: float = Field(
+        default=0.5, gt=0, description="leaf: emit partials (and commit offsets) at least this often"
+    )
 
 
 class ServeSettings(BaseSettings):
@@ -217,4 +235,21 @@ class ServeSettings(BaseSettings):
         default=5.0,
         gt=0,
         description="a cached personal adapter is revalidated against Redis after this age",
+    )
+    # -- private retrieval (per-user documents, services/personalization/documents.py) ---------------
+    doc_max_chars: int = Field(
+        default=256 * KIB, ge=1, le=1 << 20, description="characters of one document (413 beyond)"
+    )
+    doc_max_per_request: int = Field(default=64, ge=1, le=1024, description="documents per add request")
+    doc_max_request_chars: int = Field(
+        default=1 << 20, ge=1, description="characters of all documents of one add request (413 beyond)"
+    )
+    doc_max_chunks_per_user: int = Field(
+        default=20_000, ge=1, description="stored chunks of one user (413 beyond; a 10k-chunk user fits)"
+    )
+    doc_max_bytes_per_user: int = Field(
+        default=64 * MIB, ge=1, description="stored bytes of one user: chunk texts + embeddings (413 beyond)"
+    )
+    doc_index_cache_bytes: int = Field(
+        default=256 * MIB, ge=0, description="in-memory search indexes of users' documents (LRU, per replica)"
     )

@@ -4,6 +4,7 @@ start of their round, and a trainer that remembers first rounds (identical in ev
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
@@ -39,6 +40,10 @@ class FirstRoundCache:
     @property
     def keys(self) -> list[str]:
         return self.trainer.keys
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Evaluation is never cached: the trainer's own."""
+        return self.trainer.evaluate(*args, **kwargs)
 
     def train(
         self, global_adapter: StateDict, personal: StateDict | None, data: UserData, cfg: TrainConfig

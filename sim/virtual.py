@@ -201,7 +201,9 @@ class FleetRunner:
                 outbox,
                 sender,
                 None,
-                AgentOptions(drain=False),
+                # The demo measures quality itself, through the service; the agents' own per-round
+                # quality report (monitoring) would cost three more evaluations per round.
+                AgentOptions(drain=False, quality_sequences=0),
                 client_id=client_id,
                 executor=self.executor,
                 personal_store=personal,

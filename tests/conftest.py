@@ -90,7 +90,7 @@ def pfi_settings(kafka_bootstrap: str, redis_url: str) -> Iterator[PFISettings]:
     run_in_thread(ensure_topics(settings))
     yield settings
     if not os.environ.get("PFI_TEST_KEEP_TOPICS"):
-        names = [settings.updates_topic, settings.dlq_topic, settings.versions_topic]
+        names = [settings.updates_topic, settings.dlq_topic, settings.versions_topic, settings.partials_topic]
         try:
             run_in_thread(delete_topics(settings, names))
         except Exception as err:  # cleanup only; never fail a test because of it

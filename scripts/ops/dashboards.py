@@ -6,7 +6,9 @@
   adapter cache and loads, global version served and its freshness;
 * ``pfi-edge-fleet`` (:mod:`panels.edge_fleet`): what the aggregators see of the fleet (edge agents
   expose no metrics): updates published, failures by reason, reported training loss, staleness, update
-  sizes.
+  sizes;
+* ``pfi-personalization-quality`` (:mod:`panels.personalization_quality`): client-reported
+  personalization gain, the share of clients it harms and the share a new global makes worse.
 
 The panels are data (scripts/ops/panels/); the vocabulary and the renderer are :mod:`grafana`. Every
 query uses only metrics the services export or recording rules of k8s/prometheus/pfi.rules.yaml
@@ -18,9 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 from grafana import Dashboard, render_dashboard
-from panels import edge_fleet, federation_overview, serving
+from panels import edge_fleet, federation_overview, personalization_quality, serving
 
-DASHBOARDS: list[Dashboard] = [federation_overview.DASHBOARD, serving.DASHBOARD, edge_fleet.DASHBOARD]
+DASHBOARDS: list[Dashboard] = [
+    federation_overview.DASHBOARD,
+    serving.DASHBOARD,
+    edge_fleet.DASHBOARD,
+    personalization_quality.DASHBOARD,
+]
 
 
 def build_all() -> dict[str, dict[str, Any]]:

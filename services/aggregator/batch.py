@@ -34,6 +34,7 @@ from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 from schemas.chunking import Reassembler
+from schemas.errors import RejectedInput, RejectReason
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame, verify_payload_digest
 from schemas.signing import KeyStore, verify_chunk
@@ -96,11 +97,21 @@ def decode_frames(values: Sequence[bytes | None], max_frame_bytes: int) -> list[
 
 
 def check_and_validate(
-    envelope: Envelope[Any], view: FederationView, keys: KeyStore, *, max_decoded_bytes: int
+    envelope: Envelope[Any],
+    view: FederationView,
+    keys: KeyStore,
+    *,
+    max_decoded_bytes: int,
+    payload_verified: bool = False,
 ) -> ValidUpdate:
     """The payload digest (MALFORMED when it differs: the frame contradicts itself), hashed once for
-    both the frame check and the signature, then every validation check (worker thread)."""
-    verify_payload_digest(envelope)
+    both the frame check and the signature, then every validation check (worker thread).
+
+    ``payload_verified``: the payload's bytes are already authenticated (an update reassembled by
+    :func:`add_chunk` from chunks its own client signed, each checked against its signed digest): its
+    bytes are not hashed a third time."""
+    if not payload_verified:
+        verify_payload_digest(envelope)
     return validate_update(envelope, view, keys, max_decoded_bytes=max_decoded_bytes, payload_verified=True)
 
 
@@ -128,16 +139,29 @@ def add_chunk(
     worker-thread call. The signature (its client's key, over the header with ``chunk_sha256``) is
     checked before the reassembler stores anything, and the reassembler checks the payload against
     ``chunk_sha256``: an unsigned or forged chunk never reaches an upload (SIGNATURE_INVALID)."""
+    chunk = envelope.data
     verify_chunk(envelope, keys, payload_verified=True)  # the reassembler hashes the payload next
-    frame = reassembler.add(envelope.data, pos)
+    frame = reassembler.add(chunk, pos)
     if frame is None:
         return None
-    return decode_frame(
+    whole: Envelope[AdapterUpdate] = decode_frame(
         frame,
         max_frame_bytes=max_frame_bytes,
         expected=AdapterUpdate,
-        verify_digest=False,  # checked with the validation, once
+        verify_digest=False,  # its bytes are the chunks': each hashed and signed (see check_and_validate)
     )
+    update = whole.data
+    if (update.federation, update.client_id, update.update_id) != (
+        chunk.federation,
+        chunk.client_id,
+        chunk.update_id,
+    ):
+        # The chunks' signatures authenticate the payload only for the client that signed them.
+        raise RejectedInput(
+            "the chunks name another federation, client or update id than the update they carry",
+            reason=RejectReason.SCHEMA_INVALID,
+        )
+    return whole
 
 
 class BatchPreparer:
@@ -170,6 +194,10 @@ class BatchPreparer:
         values: list[bytes | None] = []
         for record in records:
             federation = key_text(record.key)
+            if federation is not None and "/" in federation:  # a leaf's (see Intake.handle)
+                owners.append(None)
+                values.append(None)
+                continue
             try:
                 runtime = await self.loader.runtime(runtimes, federation) if federation else None
             except FederationUnavailable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Any
 
 from services.settings import AggregatorSettings, PFISettings
 
@@ -12,7 +13,12 @@ from services.settings import AggregatorSettings, PFISettings
 async def _serve(settings: PFISettings, agg: AggregatorSettings) -> None:
     from services.aggregator.service import Aggregator
 
-    aggregator = Aggregator(settings, agg)
+    if agg.role != "single":  # issue 15: hierarchical aggregation (leaf or root)
+        from services.aggregator.hierarchy.service import build
+
+        aggregator: Any = build(settings, agg)
+    else:
+        aggregator = Aggregator(settings, agg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, aggregator.stopping.set)
@@ -20,7 +26,8 @@ async def _serve(settings: PFISettings, agg: AggregatorSettings) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {"port": args.port, "group_id": args.group_id}.items() if v is not None}
+    given = {"port": args.port, "group_id": args.group_id, "role": args.role}
+    overrides = {k: v for k, v in given.items() if v is not None}
     agg = AggregatorSettings(**overrides)
     asyncio.run(_serve(PFISettings(), agg))
     return 0
@@ -35,4 +42,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--port", type=int, default=None, help="health/metrics port (PFI_AGGREGATOR_PORT)")
     parser.add_argument("--group-id", default=None, help="Kafka consumer group (PFI_AGGREGATOR_GROUP_ID)")
+    parser.add_argument(
+        "--role",
+        choices=("single", "leaf", "root"),
+        default=None,
+        help="single (default): one aggregator per federation; leaf/root: hierarchical federations "
+        "(PFI_AGGREGATOR_ROLE)",
+    )
     parser.set_defaults(func=_run)

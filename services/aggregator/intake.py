@@ -36,6 +36,12 @@ class Intake(Flushing):
     ) -> None:
         kind = "unknown"
         federation = key_text(record.key)
+        if federation is not None and "/" in federation:
+            # Keyed ``federation/client``: a hierarchical federation's update; its leaves (their own
+            # consumer group) aggregate it. Skipped, never dead-lettered: single and leaf groups can share
+            # one updates topic (names never contain ``/``, so no single federation is keyed like this).
+            self.metrics.hierarchical_skipped.inc()
+            return
         try:
             runtime = await self.loader.runtime(self.runtimes, federation) if federation else None
         except FederationUnavailable as err:
@@ -66,6 +72,7 @@ class Intake(Flushing):
             assert envelope is not None
             data = envelope.data
             first = (partition, record.offset)  # of the update's first message (chunk)
+            chunked = False
             if isinstance(data, AdapterUpdateChunk):
                 kind = "chunk"
                 assembled = await self.on_chunk(
@@ -74,6 +81,7 @@ class Intake(Flushing):
                 if assembled is None:
                     return
                 envelope, first = assembled
+                chunked = True  # its payload: signed chunks of its own client, each hashed once
                 ready = None  # prepared answers are about whole updates only
             elif isinstance(data, AdapterUpdate):
                 kind = "whole"
@@ -84,7 +92,7 @@ class Intake(Flushing):
                 )
             self.metrics.update_bytes.observe(len(envelope.data.payload))
             await self.on_update(
-                runtime, federation, envelope, (partition, record.offset), zone, first, ready
+                runtime, federation, envelope, (partition, record.offset), zone, first, ready, chunked=chunked
             )
         except RejectedInput as err:
             if zone is not Zone.REPLAY:
@@ -159,11 +167,15 @@ class Intake(Flushing):
         zone: Zone,
         first: Position | None = None,
         ready: Prepared | None = None,
+        *,
+        chunked: bool = False,
     ) -> None:
         """``pos``: the update's last message (the one being handled); ``first``: its first message. The
         buffer remembers ``first`` so that no offset stored (``safe``) or watermark passes an earlier chunk
         of a buffered update: a replay must re-read all of its chunks. ``ready``: what its poll batch
-        prepared (a ``seen`` answer, a validation), used only where it equals what asking now gives."""
+        prepared (a ``seen`` answer, a validation), used only where it equals what asking now gives.
+        ``chunked``: reassembled by :func:`~services.aggregator.batch.add_chunk` (its payload is not hashed
+        again)."""
         update: AdapterUpdate = envelope.data
         if runtime is None:
             raise RejectedInput(
@@ -208,6 +220,7 @@ class Intake(Flushing):
                     runtime.view(),
                     self.keys.view(runtime.name),
                     max_decoded_bytes=self.settings.max_decoded_bytes,
+                    payload_verified=chunked,
                 )
             finally:
                 self.metrics.in_flight.dec()
@@ -217,6 +230,7 @@ class Intake(Flushing):
         if loss is not None and math.isfinite(loss):
             fed_metrics.train_loss.observe(loss)
         fed_metrics.accepted.inc()
+        self.quality.observe(runtime.name, update.client_id, update.base_version, update.metrics)  # issue 16
         full = runtime.add(valid, pos if first is None else first)
         fed_metrics.buffered.set(len(runtime.buffer))
         fed_metrics.capacity.set(runtime.spec.aggregation.buffer_size)

@@ -71,6 +71,12 @@ class AggregatorMetrics:
             [],
             registry=registry,
         )
+        self.hierarchical_skipped = Counter(
+            f"{ns}_hierarchical_messages_skipped_total",
+            "Messages keyed federation/client (a hierarchical federation's): its leaves own them",
+            [],
+            registry=registry,
+        )
         self.staleness = Histogram(
             f"{ns}_update_staleness",
             "Staleness (versions behind) of accepted updates",

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -97,6 +98,9 @@ class FederationRuntime:
     first_dirty: dict[int, int] = field(default_factory=dict)  # partition -> first offset not yet durable
     pending_stats: Counter[str] = field(default_factory=Counter)
     fingerprint: str = field(init=False)
+    _shapes_cache: tuple[StateDict, Mapping[str, tuple[int, ...]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         agg = self.spec.aggregation
@@ -120,8 +124,16 @@ class FederationRuntime:
             latest=self.latest,
             head=self.head,
             lineage=dict(self.lineage),
-            shapes={k: tuple(v.shape) for k, v in self.global_state.items()},
+            shapes=self._shapes(),
         )
+
+    def _shapes(self) -> Mapping[str, tuple[int, ...]]:
+        """The global's tensor shapes, computed once per global state (a view is made per poll batch and
+        per update validated ahead of a commit: hundreds of tensors at SmolLM2 size)."""
+        if self._shapes_cache is None or self._shapes_cache[0] is not self.global_state:
+            shapes = MappingProxyType({k: tuple(v.shape) for k, v in self.global_state.items()})
+            self._shapes_cache = (self.global_state, shapes)
+        return self._shapes_cache[1]
 
     def zone(self, partition: int, offset: int) -> Zone:
         marks = self.marks.get(partition)
@@ -282,6 +294,7 @@ def _buffered(valid: ValidUpdate, staleness: int) -> BufferedUpdate:
         delta=valid.delta,
         num_samples=update.num_samples,
         staleness=staleness,
+        norm=valid.norm,  # validation's merge norm: the fold does not compute it again
     )
 
 

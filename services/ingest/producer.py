@@ -131,11 +131,12 @@ class UpdateProducer:
         if producer is not None:
             await _stop_quietly(producer, self.stop_timeout_s)
 
-    async def produce(self, federation: str, message: bytes) -> Produced:
-        """Produce one message keyed by ``federation``; raises the Kafka error when it is not stored."""
+    async def produce(self, federation: str, message: bytes, *, key: str | None = None) -> Produced:
+        """Produce one message keyed by ``key`` (default ``federation``; see :func:`update_key`); raises the
+        Kafka error when it is not stored."""
         producer = await self._started()
         try:
-            future = await producer.send(self.topic, message, key=federation.encode())
+            future = await producer.send(self.topic, message, key=(key or federation).encode())
         except KafkaTimeoutError:
             raise  # no metadata (broker unreachable): the producer itself is fine
         except asyncio.CancelledError:
@@ -153,7 +154,7 @@ class UpdateProducer:
         self.messages_sent += 1
         return Produced(int(meta.partition), int(meta.offset))
 
-    async def send_raw(self, federation: str, messages: list[bytes]) -> int:
+    async def send_raw(self, federation: str, messages: list[bytes], *, key: str | None = None) -> int:
         """Produce the messages of one update in order (the outbox :class:`Sender` interface); returns
         how many. A retry of messages whose earlier send was interrupted awaits those sends."""
         producer = await self._started()
@@ -162,10 +163,10 @@ class UpdateProducer:
         if entry is None or entry.generation != self._generation:
             entry = _InFlight(self._generation, [])
             self._inflight[digest] = entry
-        key = federation.encode()
+        kafka_key = (key or federation).encode()
         try:
             for message in messages[len(entry.futures) :]:
-                entry.futures.append(await producer.send(self.topic, message, key=key))
+                entry.futures.append(await producer.send(self.topic, message, key=kafka_key))
         except KafkaTimeoutError:
             raise
         except asyncio.CancelledError:
@@ -185,11 +186,13 @@ class UpdateProducer:
         self.messages_sent += len(messages)
         return len(messages)
 
-    async def send(self, envelope: Envelope[AdapterUpdate], *, key: bytes | None = None) -> int:
+    async def send(
+        self, envelope: Envelope[AdapterUpdate], *, key: bytes | None = None, kafka_key: str | None = None
+    ) -> int:
         """Produce an update (chunked at ``settings.chunk_bytes`` when large; chunks signed with ``key``);
-        returns the number of Kafka messages."""
+        returns the number of Kafka messages. ``kafka_key``: the message key (default: the federation)."""
         messages = split_update(envelope, self.settings.chunk_bytes, key=key)
-        return await self.send_raw(envelope.data.federation, messages)
+        return await self.send_raw(envelope.data.federation, messages, key=kafka_key)
 
     @property
     def in_flight(self) -> int:
@@ -221,3 +224,11 @@ async def _stop_quietly(producer: AIOKafkaProducer, timeout_s: float) -> bool:
     except (TimeoutError, Exception):  # broker gone with messages in flight
         return False
     return True
+
+
+def update_key(federation: str, client_id: str, topology: str = "single") -> str:
+    """The Kafka key of a federation's update messages (issue 15). ``single``: the federation (one
+    partition, one aggregator); ``hierarchical``: ``federation/client`` (spread over the partitions by
+    client: every chunk of one upload, and every upload of one client, on one partition and one leaf).
+    Names and client ids never contain ``/`` (``schemas.events``)."""
+    return federation if topology == "single" else f"{federation}/{client_id}"

@@ -42,6 +42,7 @@ from services.ingest.metrics import IngestMetrics
 from services.ingest.producer import Produced, UpdateProducer
 from services.ingest.quota import Quotas
 from services.ingest.settings import IngestSettings
+from services.ingest.topology import TopologyCache
 from services.personalization.auth import Principal
 from services.personalization.errors import ServeError, Unauthorized
 
@@ -97,6 +98,7 @@ class IngestGate:
         self.service = service
         self.settings = settings or IngestSettings()
         self.max_bytes = service.settings.kafka_max_message_bytes
+        self.topologies = TopologyCache()  # issue 15: hierarchical federations are keyed by client
         self.metrics = IngestMetrics(service.registry)
         self.quotas = Quotas(
             client_in_flight=self.settings.client_in_flight,
@@ -179,11 +181,11 @@ class IngestGate:
             raise _refuse(403, code, err.message) from None
         return envelope
 
-    async def produce(self, fed: str, body: bytes) -> Produced:
+    async def produce(self, fed: str, body: bytes, key: str | None = None) -> Produced:
         started = time.perf_counter()
         try:
             produced = await asyncio.wait_for(
-                self.producer.produce(fed, body), self.settings.produce_timeout_s
+                self.producer.produce(fed, body, key=key), self.settings.produce_timeout_s
             )
         except Exception as err:  # TimeoutError, KafkaError, ProducerClosedError...
             log.warning("ingest: produce to Kafka failed: %s: %s", type(err).__name__, err)
@@ -209,7 +211,11 @@ class IngestGate:
             body = await self.read_body(request)
             used = len(body)
             envelope = await self.check(fed, client_id, body)
-            produced = await self.produce(fed, body)
+            try:
+                kafka_key = await self.topologies.key(self.service.redis, fed, client_id)
+            except RedisError:
+                raise _refuse(503, "registry_unavailable", "the federation registry is unavailable") from None
+            produced = await self.produce(fed, body, kafka_key)
         finally:
             self.quotas.release(key, refund=max(0, charge - used))
         data = envelope.data

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 USER_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 Timing = dict[str, float | int | str]
@@ -16,13 +16,65 @@ VERSION_MAX = 2**53 - 1  # versions are Redis integers; JSON numbers are exact u
 MAX_NEW_TOKENS = 4096
 MAX_TEXT_CHARS = 1 << 20
 MAX_TEXTS = 1024
+MAX_QUERY_CHARS = 4096
+MAX_CONTEXT_BYTES = 64 * 1024  # a device-side context (UTF-8)
+RetrievalMode = Literal["hybrid", "dense", "lexical"]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerateRequest(_Request):
+class RetrievalParams(_Request):
+    """Retrieve from the acting user's own documents and prepend the best chunks as context."""
+
+    k: int = Field(default=4, ge=1, le=32, description="chunks to retrieve")
+    mode: RetrievalMode = "hybrid"
+    query: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_QUERY_CHARS,
+        description="default: the text (score) or the prompt (generate)",
+    )
+    queries: list[Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description="one query per text (score; generate: one), e.g. the text before each; excludes query",
+    )
+    max_context_tokens: int = Field(
+        default=512, ge=16, le=2048, description="model tokens of context, at most"
+    )
+
+
+class _Augmentable(_Request):
+    retrieval: RetrievalParams | None = Field(
+        default=None, description="retrieve context from the user's documents (off by default)"
+    )
+    context: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CONTEXT_BYTES,
+        description="context retrieved on the device (the service stores nothing); excludes retrieval",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _Augmentable:
+        if self.retrieval is not None and self.retrieval.query is not None and self.retrieval.queries:
+            raise ValueError("retrieval.query and retrieval.queries are mutually exclusive")
+        if self.retrieval is not None and self.context is not None:
+            raise ValueError("retrieval and context are mutually exclusive")
+        if self.context is not None:
+            try:
+                size = len(self.context.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ValueError("context is not valid Unicode (lone surrogates)") from None
+            if size > MAX_CONTEXT_BYTES:
+                raise ValueError(f"context has {size} UTF-8 bytes; at most {MAX_CONTEXT_BYTES}")
+        return self
+
+
+class GenerateRequest(_Augmentable):
     user_id: str | None = Field(
         default=None,
         pattern=USER_ID,
@@ -41,7 +93,7 @@ class GenerateRequest(_Request):
     use_personal: bool = Field(default=True, description="false: base + global only")
 
 
-class ScoreRequest(_Request):
+class ScoreRequest(_Augmentable):
     user_id: str | None = Field(default=None, pattern=USER_ID)
     texts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(min_length=1, max_length=MAX_TEXTS)
     global_version: int | None = Field(default=None, ge=0, le=VERSION_MAX)
@@ -56,7 +108,25 @@ class ServedFields(BaseModel):
     timing: Timing
 
 
+class RetrievedChunk(BaseModel):
+    doc_id: str
+    chunk_id: int
+    score: float
+
+
+class RetrievalInfo(BaseModel):
+    """What was prepended: chunks retrieved by the service, or a context sent by the device."""
+
+    source: Literal["service", "device"]
+    k: int | None = None
+    mode: str | None = None
+    hits: list[RetrievedChunk] = Field(default_factory=list)
+    generation: int | None = Field(default=None, description="the user's document store generation searched")
+    context_tokens: int = Field(description="model tokens of context prepended (after truncation)")
+
+
 class GenerateResponse(ServedFields):
+    retrieval: RetrievalInfo | None = None
     text: str
     tokens: list[int]
     prompt_tokens: int
@@ -69,6 +139,7 @@ class TextScore(BaseModel):
     perplexity: float
     token_accuracy: float = Field(description="fraction of positions where the argmax is the next token")
     tokens: int = Field(description="predicted positions")
+    retrieval: RetrievalInfo | None = None
 
 
 class ScoreResponse(ServedFields):
@@ -86,6 +157,7 @@ class AdapterInfo(BaseModel):
     num_tensors: int
     num_parameters: int
     upload_encoding: dict[str, Any]
+    gate: float = 1.0
 
 
 class ErrorBody(BaseModel):

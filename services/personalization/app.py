@@ -12,44 +12,40 @@ over a bound a request gets 429 with ``Retry-After`` (:mod:`.batcher`).
 
 Errors are JSON ``{"error": {"code", "message"}}`` with a 4xx status for anything the client can fix;
 an unexpected failure is a 500 and the service stays up.
+
+Routes here: the probes and the federations (metadata, global adapter blobs). The others are routers:
+:mod:`.personal_adapter_routes`, :mod:`.inference_routes` (generate, score), :mod:`.adapter_export_routes`,
+:mod:`.document_routes`, :mod:`.identity_routes`, :mod:`.openai_compat` and the device ingest
+(:mod:`services.ingest.routes`); their shared dependencies are in :mod:`.route_deps`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import Match
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.ingest.routes import ingest_router
-from services.personalization.api import (
-    ERRORS,
-    USER_ID,
-    VERSION_MAX,
-    AdapterInfo,
-    GenerateRequest,
-    GenerateResponse,
-    ScoreRequest,
-    ScoreResponse,
-    ServedFields,
-    TextScore,
-)
-from services.personalization.auth import Principal
-from services.personalization.engine import Served
-from services.personalization.errors import PayloadTooLarge, ServeError, Timeout, Unauthorized
+from services.personalization.adapter_export_routes import adapter_export_router
+from services.personalization.api import ERRORS
+from services.personalization.document_routes import document_router
+from services.personalization.errors import ServeError, Unauthorized
 from services.personalization.identity_routes import identity_router
-from services.personalization.limits import GateMiddleware
+from services.personalization.inference_routes import inference_router
+from services.personalization.limits import GateMiddleware, route_template
+from services.personalization.openai_compat import openai_routes
+from services.personalization.personal_adapter_routes import personal_adapter_router
+from services.personalization.route_deps import FED, Auth, within_timeout
 from services.personalization.service import PersonalizationService
-from services.personalization.user_adapters import AdapterRecord
 
 log = logging.getLogger("pfi.serve.http")
 
@@ -59,20 +55,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-FED = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="federation name")]
-USER = Annotated[str, Path(pattern=USER_ID, description="user id")]
-
-
-async def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    verified = getattr(request.state, "principal", None)  # by the gate, before the body was read
-    if isinstance(verified, Principal):
-        return verified
-    service: PersonalizationService = request.app.state.service
-    return service.authenticator.authenticate(authorization)
-
-
-Auth = Annotated[Principal, Depends(_principal)]
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -89,11 +71,8 @@ class MetricsMiddleware:
         self.fastapi = fastapi
 
     def _route(self, scope: Scope) -> str:
-        for route in self.fastapi.router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return str(getattr(route, "path", "other"))
-        return "unmatched"
+        # the routers added with include_router too (FastAPI keeps each as one entry without a path)
+        return route_template(self.fastapi.router.routes, scope) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,33 +154,17 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """A body FastAPI cannot parse (not UTF-8, not JSON) in the API's error shape; others as usual."""
+        if exc.status_code != 400:
+            return await http_exception_handler(request, exc)
+        request.state.error_code = "invalid_request"
+        return _error(400, "invalid_request", f"the body is not valid UTF-8 JSON ({exc.detail})")
+
     # -- dependencies -------------------------------------------------------------------------------
     async def bounded(awaitable: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(awaitable, serve.request_timeout_s)
-        except TimeoutError:
-            raise Timeout(f"the request took longer than {serve.request_timeout_s:g}s") from None
-
-    def served_fields(fed: str, user: str | None, served: Served) -> dict[str, Any]:
-        return {
-            "federation": fed,
-            "user_id": user,
-            "global_version": served.global_version,
-            "personal_adapter_version": served.personal_adapter_version,
-            "timing": served.timing,
-        }
-
-    def served_headers(response: Response, body: ServedFields) -> None:
-        response.headers["X-PFI-Global-Version"] = str(body.global_version)
-        response.headers["X-PFI-Personal-Adapter-Version"] = str(body.personal_adapter_version)
-
-    def acting_user(who: Principal, fed: str, user_id: str | None) -> str | None:
-        """The user whose adapter a request uses: the body's, else the token's (admin: none)."""
-        user = user_id if user_id is not None else (None if who.admin else who.user)
-        who.require_federation(fed)
-        if user is not None:
-            who.require_user(fed, user)
-        return user
+        return await within_timeout(awaitable, serve.request_timeout_s)
 
     # -- probes ---------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["probes"])
@@ -288,136 +251,13 @@ def create_app(service: PersonalizationService, *, manage_lifespan: bool = True)
             return Response(status_code=304, headers=headers)
         return Response(blob, media_type="application/octet-stream", headers=headers)
 
-    # -- personal adapters ----------------------------------------------------------------------------
-    def adapter_info(record: AdapterRecord) -> AdapterInfo:
-        data = record.model_dump(mode="json")
-        return AdapterInfo(**data)
-
-    async def read_body(request: Request) -> bytes:
-        limit = serve.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @app.put(
-        "/v1/federations/{fed}/users/{user}/adapter",
-        tags=["personal adapters"],
-        status_code=201,
-        responses=ERRORS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-            }
-        },
-    )
-    async def put_adapter(
-        fed: FED,
-        user: USER,
-        request: Request,
-        who: Auth,
-        trained_against: Annotated[
-            int, Query(ge=0, le=VERSION_MAX, description="global version it was trained against")
-        ],
-        dtype: Annotated[str, Query(pattern="^(float32|float16|bfloat16)$")] = "float32",
-        quantization: Annotated[str, Query(pattern="^(none|int8)$")] = "none",
-    ) -> AdapterInfo:
-        """Upload a personal adapter: a safetensors blob keyed like the federation's adapter (as
-        ``schemas.codec.encode_tensors`` writes it; zstd detected from the magic)."""
-        who.require_user(fed, user)
-        body = await read_body(request)
-        record = await bounded(
-            service.engine.upload(
-                fed, user, body, trained_against=trained_against, dtype=dtype, quantization=quantization
-            )
-        )
-        return adapter_info(record)
-
-    @app.get("/v1/federations/{fed}/users/{user}/adapter", tags=["personal adapters"], responses=ERRORS)
-    async def get_adapter(fed: FED, user: USER, who: Auth) -> AdapterInfo:
-        who.require_user(fed, user)
-        return adapter_info(await bounded(service.engine.adapter_record(fed, user)))
-
-    @app.delete(
-        "/v1/federations/{fed}/users/{user}/adapter",
-        tags=["personal adapters"],
-        status_code=204,
-        responses=ERRORS,
-        response_class=Response,
-    )
-    async def delete_adapter(fed: FED, user: USER, who: Auth) -> Response:
-        """Erase the adapter from Redis and from the cache of every replica."""
-        who.require_user(fed, user)
-        await bounded(service.engine.delete(fed, user))
-        return Response(status_code=204)
-
-    # -- inference ------------------------------------------------------------------------------------
-    @app.post("/v1/federations/{fed}/generate", tags=["inference"], responses=ERRORS)
-    async def generate(fed: FED, body: GenerateRequest, who: Auth, response: Response) -> GenerateResponse:
-        user = acting_user(who, fed, body.user_id)
-        result = await bounded(
-            service.engine.generate(
-                fed,
-                user,
-                body.prompt,
-                max_new_tokens=body.max_new_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=body.seed,
-                version=body.global_version,
-                use_personal=body.use_personal,
-                tenant=f"{who.federation}/{who.user}",
-            )
-        )
-        out = GenerateResponse(
-            **served_fields(fed, user, result.served),
-            text=result.text,
-            tokens=result.tokens,
-            prompt_tokens=result.prompt_tokens,
-            generated_tokens=len(result.tokens),
-            finish_reason=result.finish_reason,
-        )
-        served_headers(response, out)
-        return out
-
-    @app.post("/v1/federations/{fed}/score", tags=["inference"], responses=ERRORS)
-    async def score(fed: FED, body: ScoreRequest, who: Auth, response: Response) -> ScoreResponse:
-        user = acting_user(who, fed, body.user_id)
-        result = await bounded(
-            service.engine.score(
-                fed,
-                user,
-                body.texts,
-                version=body.global_version,
-                use_personal=body.use_personal,
-                tenant=f"{who.federation}/{who.user}",
-            )
-        )
-        out = ScoreResponse(
-            **served_fields(fed, user, result.served),
-            results=[
-                TextScore(
-                    mean_nll=r.mean_nll,
-                    perplexity=math.exp(min(r.mean_nll, 700.0)),
-                    token_accuracy=r.accuracy,
-                    tokens=r.tokens,
-                )
-                for r in result.results
-            ],
-        )
-        served_headers(response, out)
-        return out
-
+    app.include_router(personal_adapter_router(service))  # PUT/GET/DELETE a user's personal adapter
+    app.include_router(inference_router(service))  # POST generate, score
     app.include_router(ingest_router(service))  # POST /v1/federations/{fed}/updates (devices)
+    app.include_router(adapter_export_router(service))  # a personal adapter as PEFT / GGUF (zip)
+    app.include_router(document_router(service))  # a user's private documents (retrieval store)
     identity_router(service, app.router)  # enroll, token refresh, admin: clients, enrollment tokens
+    openai_routes(service, app.router)  # /v1/completions, /v1/chat/completions, /v1/models
     app.add_middleware(GateMiddleware, service=service, fastapi=app)  # body size, then the token
     app.add_middleware(MetricsMiddleware, service=service, fastapi=app)  # outermost: counts the gate too
     return app

@@ -15,13 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
 from modeling.base import load_base_model
 from schemas.records import VersionMeta
+from services.personalization.augment import (
+    Augmentation,
+    Retrieved,
+    counted,
+    retrieve,
+    timed_ms,
+    with_context,
+)
 from services.personalization.backends import ServingBackend, backend_for
 from services.personalization.backends.base import GenOut, GenRow, ScoreOut, ScoreRow, TokenCodec
 from services.personalization.batcher import Batcher, BatchInfo, Incoming
@@ -31,6 +40,7 @@ from services.personalization.metrics import ServeMetrics
 from services.personalization.personal import PersonalAdapters
 from services.personalization.served_federation import FederationInfo, ServedFederation
 from services.personalization.user_adapters import AdapterRecord, PersonalAdapter, UserAdapterStore
+from services.personalization.user_documents import UserDocuments
 from services.settings import PFISettings, ServeSettings
 from services.store.versions import VersionStore
 
@@ -50,6 +60,7 @@ class Served:
 class ScoreResult:
     results: list[ScoreOut]
     served: Served
+    retrieved: list[Retrieved | None] = field(default_factory=list)  # per text (retrieval/context)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class GenerateResult:
     prompt_tokens: int
     finish_reason: str
     served: Served
+    retrieved: Retrieved | None = None
 
 
 class Engine:
@@ -106,6 +118,7 @@ class Engine:
             max_decoded_bytes=settings.max_decoded_bytes,
         )
         self.users = self.adapters.users
+        self.documents = UserDocuments(redis, serve, metrics.registry)  # private retrieval (RAG)
         self.cache = self.adapters.cache
         self.freshness_log = self.federations.freshness_log
 
@@ -164,9 +177,16 @@ class Engine:
         trained_against: int,
         dtype: str = "float32",
         quantization: str = "none",
+        gate: float = 1.0,
     ) -> AdapterRecord:
         return await self.adapters.upload(
-            fed, user, body, trained_against=trained_against, dtype=dtype, quantization=quantization
+            fed,
+            user,
+            body,
+            trained_against=trained_against,
+            dtype=dtype,
+            quantization=quantization,
+            gate=gate,
         )
 
     async def adapter_record(self, fed: str, user: str) -> AdapterRecord:
@@ -259,6 +279,7 @@ class Engine:
         use_personal: bool = True,
         base_only: bool = False,
         tenant: str | None = None,
+        augment: Augmentation | None = None,
     ) -> ScoreResult:
         """Per-text next-token NLL / accuracy on base + global (+ the user's personal adapter)."""
         started = time.perf_counter()
@@ -273,6 +294,10 @@ class Engine:
         with admission, self.batcher.incoming() as mark:
             runtime, adapter, timing = await self._prepare(fed, user, use_personal and not base_only)
             tokens = runtime.base_only().tokens
+            began = time.perf_counter()
+            retrieved = await retrieve(self.documents, fed, user, texts, augment)
+            if augment is not None:
+                timing["retrieval_ms"] = timed_ms(began)
             rows: list[ScoreRow] = []
             for i, text in enumerate(texts):
                 ids = self._tokenize(tokens, text, f"texts[{i}]")
@@ -282,7 +307,14 @@ class Engine:
                     raise PayloadTooLarge(
                         f"texts[{i}] is longer than the model's {tokens.max_positions} positions"
                     )
-                rows.append(ScoreRow(ids, adapter))
+                context_len, found = 0, retrieved[i]
+                if found is not None:
+                    room = tokens.max_positions - len(ids)
+                    ids, context_len, n = with_context(
+                        tokens, ids, found.context, max_tokens=found.max_context_tokens, room=room
+                    )
+                    retrieved[i] = counted(found, n)
+                rows.append(ScoreRow(ids, adapter, context_len=context_len))
             outs, info, global_version = await self._submit(
                 "score",
                 runtime,
@@ -297,7 +329,7 @@ class Engine:
         served = Served(
             global_version, None if adapter is None else adapter.version, self._finish(timing, info, started)
         )
-        return ScoreResult(outs, served)
+        return ScoreResult(outs, served, retrieved)
 
     async def generate(
         self,
@@ -313,8 +345,12 @@ class Engine:
         use_personal: bool = True,
         base_only: bool = False,
         tenant: str | None = None,
+        on_token: Callable[[int], bool] | None = None,
+        augment: Augmentation | None = None,
     ) -> GenerateResult:
-        """Continue ``prompt`` with base + global (+ the user's personal adapter)."""
+        """Continue ``prompt`` with base + global (+ the user's personal adapter). ``on_token``: called
+        on the model thread with each new token as it is chosen; False ends the generation there
+        (streaming, stop strings, a client that went away: see ``GenRow.on_token``)."""
         started = time.perf_counter()
         if max_new_tokens > self.serve.max_new_tokens:
             raise Unprocessable(
@@ -333,7 +369,18 @@ class Engine:
                     f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                     f"{tokens.max_positions} positions"
                 )
-            row = GenRow(ids, adapter, max_new_tokens, temperature, top_p, seed)
+            prompt_tokens, found = len(ids), None
+            if augment is not None:
+                began = time.perf_counter()
+                found = (await retrieve(self.documents, fed, user, [prompt], augment))[0]
+                timing["retrieval_ms"] = timed_ms(began)
+            if found is not None:
+                room = tokens.max_positions - len(ids) - max_new_tokens
+                ids, _, n = with_context(
+                    tokens, ids, found.context, max_tokens=found.max_context_tokens, room=room
+                )
+                found = counted(found, n)
+            row = GenRow(ids, adapter, max_new_tokens, temperature, top_p, seed, on_token=on_token)
             outs, info, global_version = await self._submit(
                 "generate",
                 runtime,
@@ -350,4 +397,6 @@ class Engine:
         served = Served(
             global_version, None if adapter is None else adapter.version, self._finish(timing, info, started)
         )
-        return GenerateResult(tokens.decode(out.tokens), out.tokens, len(ids), out.finish_reason, served)
+        return GenerateResult(
+            tokens.decode(out.tokens), out.tokens, prompt_tokens, out.finish_reason, served, found
+        )

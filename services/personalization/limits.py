@@ -3,7 +3,8 @@
 :class:`GateMiddleware` is a pure ASGI middleware (it never buffers a body):
 
 1. **Body size.** Each route has a byte cap (:func:`body_caps`): a personal adapter upload
-   ``max_upload_bytes``, a device update ``kafka_max_message_bytes``, an enrollment 1 KiB, routes
+   ``max_upload_bytes``, a device update ``kafka_max_message_bytes``, an enrollment 1 KiB, adding
+   documents :func:`documents_body_cap`, a document search 64 KiB, routes
    without a body and the other routes without a bearer token 1 KiB, every other route (JSON)
    :func:`json_body_cap`. A ``Content-Length`` over the cap is answered 413 at once, before
    authentication and without reading a byte; a chunked body is counted as the route reads it and
@@ -14,7 +15,9 @@
    revocation, no I/O) before the body is read or parsed: no token, no 422 and no read. The principal
    is left in ``scope["state"]["principal"]`` for the routes (no second verification).
 
-Early answers carry ``Connection: close`` so that a server never drains an unread body.
+Early answers carry ``Connection: close`` so that a server never drains an unread body, and are in
+OpenAI's error shape on the OpenAI-compatible paths (an OpenAI completion's cap:
+:func:`~.openai_compat.schemas.body_cap`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
+from services.personalization.api import MAX_CONTEXT_BYTES
 from services.personalization.errors import ServeError, Unauthorized
 from services.personalization.identity_routes import MAX_BODY_BYTES as ENROLL_MAX_BYTES
 from services.personalization.identity_routes import SELF_AUTHENTICATED_ROUTES
+from services.personalization.openai_compat.errors import error_body, is_openai_path
+from services.personalization.openai_compat.schemas import CHAT_ROUTE, COMPLETIONS_ROUTE
+from services.personalization.openai_compat.schemas import body_cap as completion_body_cap
 from services.settings import PFISettings, ServeSettings
 
 if TYPE_CHECKING:
@@ -47,6 +54,9 @@ KIB = 1024
 ADAPTER_ROUTE = ("PUT", "/v1/federations/{fed}/users/{user}/adapter")
 UPDATES_ROUTE = ("POST", "/v1/federations/{fed}/updates")
 ENROLL_ROUTE = ("POST", "/v1/federations/{fed}/enroll")
+DOCUMENTS_ROUTE = ("POST", "/v1/federations/{fed}/users/{user}/documents")
+DOCUMENT_SEARCH_ROUTE = ("POST", "/v1/federations/{fed}/users/{user}/documents/search")
+SEARCH_CAP = 64 * KIB  # a query of at most 4096 characters, k and mode
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 BODYLESS_CAP = 1 * KIB
 
@@ -54,7 +64,12 @@ BODYLESS_CAP = 1 * KIB
 def json_body_cap(serve: ServeSettings) -> int:
     """The largest JSON body a route of this service needs: ``max_score_texts`` texts of
     ``max_prompt_chars`` characters (UTF-8: at most 4 bytes each) plus 64 KiB for the rest."""
-    return 4 * serve.max_prompt_chars * max(1, serve.max_score_texts) + 64 * KIB
+    return 4 * serve.max_prompt_chars * max(1, serve.max_score_texts) + 4 * MAX_CONTEXT_BYTES + 64 * KIB
+
+
+def documents_body_cap(serve: ServeSettings) -> int:
+    """An add-documents body: ``doc_max_request_chars`` characters (4 bytes each at most) + 64 KiB."""
+    return 4 * serve.doc_max_request_chars + 64 * KIB
 
 
 def body_caps(settings: PFISettings, serve: ServeSettings) -> dict[tuple[str, str], int]:
@@ -63,24 +78,32 @@ def body_caps(settings: PFISettings, serve: ServeSettings) -> dict[tuple[str, st
         ADAPTER_ROUTE: serve.max_upload_bytes,
         UPDATES_ROUTE: settings.kafka_max_message_bytes,
         ENROLL_ROUTE: ENROLL_MAX_BYTES,
+        COMPLETIONS_ROUTE: completion_body_cap(serve),
+        CHAT_ROUTE: completion_body_cap(serve),
+        DOCUMENTS_ROUTE: documents_body_cap(serve),
+        DOCUMENT_SEARCH_ROUTE: SEARCH_CAP,
     }
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, *, path: str = ""
+) -> JSONResponse:
+    """An early answer in the API's error shape (OpenAI's on the OpenAI-compatible paths)."""
+    native = {"error": {"code": code, "message": message}}
     return JSONResponse(
-        {"error": {"code": code, "message": message}},
+        error_body(status, code, message) if is_openai_path(path) else native,
         status_code=status,
         headers={"Connection": "close", **(headers or {})},
     )
 
 
-def _find_template(routes: Any, scope: Scope) -> str | None:
+def route_template(routes: Any, scope: Scope) -> str | None:
     """The path template of the route matching ``scope``. Routers added with ``include_router`` (no
     prefix in this app) are searched too: FastAPI keeps them as one entry that holds the original router."""
     for route in routes:
         inner = getattr(route, "original_router", None)
         if inner is not None:
-            found = _find_template(inner.routes, scope)
+            found = route_template(inner.routes, scope)
             if found is not None:
                 return found
             continue
@@ -100,7 +123,7 @@ class GateMiddleware:
         self.open_routes = frozenset(SELF_AUTHENTICATED_ROUTES)
 
     def _template(self, scope: Scope) -> str | None:
-        return _find_template(self.fastapi.router.routes, scope)
+        return route_template(self.fastapi.router.routes, scope)
 
     def cap(self, method: str, template: str | None) -> int:
         if template is not None and (method, template) in self.caps:
@@ -129,7 +152,10 @@ class GateMiddleware:
             metrics.body_rejections.labels(reason="declared").inc()
             state["error_code"] = "payload_too_large"
             await _error(
-                413, "payload_too_large", f"the body has {declared} bytes; this route accepts at most {cap}"
+                413,
+                "payload_too_large",
+                f"the body has {declared} bytes; this route accepts at most {cap}",
+                path=path,
             )(scope, receive, send)
             return
 
@@ -142,7 +168,7 @@ class GateMiddleware:
                 if isinstance(err, Unauthorized):
                     metrics.auth_failures.labels(reason=err.code).inc()
                 extra = {"WWW-Authenticate": 'Bearer realm="pfi"'} if isinstance(err, Unauthorized) else {}
-                await _error(err.status, err.code, err.message, extra)(scope, receive, send)
+                await _error(err.status, err.code, err.message, extra, path=path)(scope, receive, send)
                 return
 
         received = 0
@@ -171,7 +197,10 @@ class GateMiddleware:
                     state["error_code"] = "payload_too_large"
                     if not started:
                         await _error(
-                            413, "payload_too_large", f"the body exceeds this route's limit of {cap} bytes"
+                            413,
+                            "payload_too_large",
+                            f"the body exceeds this route's limit of {cap} bytes",
+                            path=path,
                         )(scope, receive, send)
                     responded = True
                     return {"type": "http.disconnect"}

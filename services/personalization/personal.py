@@ -162,6 +162,7 @@ class PersonalAdapters:
         trained_against: int,
         dtype: str = "float32",
         quantization: str = "none",
+        gate: float = 1.0,
     ) -> AdapterRecord:
         info = await self.info(fed)
         if len(body) > self.serve.max_upload_bytes:
@@ -193,6 +194,7 @@ class PersonalAdapters:
             num_tensors=len(state),
             num_parameters=sum(t.numel() for t in state.values()),
             upload_encoding=encoding,
+            gate=gate,
         )
         version, generation = await self.users.put(record, blob)
         record = record.model_copy(update={"version": version})

@@ -66,6 +66,14 @@ class AdapterRecord(StrictModel):
     num_tensors: int = Field(ge=1)
     num_parameters: int = Field(ge=1)
     upload_encoding: TensorEncoding
+    gate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="scale of the personal LoRA's output at serving (0: off, served as global-only; "
+        "1: full), chosen by the device on its own validation text",
+    )
 
 
 @dataclass(eq=False)

@@ -12,6 +12,9 @@ principal      topics                                        consumer groups (PR
 ``serving``    READ versions                                 READ ``pfi-serv*``
 =============  ===========================================  ==========================================
 
+Hierarchical aggregation (issue 15): ``aggregator`` also READs and WRITEs the partials topic and may WRITE
+transactional ids ``pfi-aggregator*`` (PREFIXED; the leaves' transactions).
+
 READ and WRITE imply DESCRIBE (Kafka's rule), so no separate DESCRIBE ACLs are needed; an idempotent
 producer needs no IDEMPOTENT_WRITE ACL since Kafka 3.0 (WRITE on a topic implies it). ``admin`` is a super
 user (``super.users``); nobody else gets anything (``allow.everyone.if.no.acl.found=false``).
@@ -37,7 +40,7 @@ from schemas.errors import StackError
 from services.settings import PFISettings
 
 # Kafka's enum codes (org.apache.kafka.common.resource / acl).
-RESOURCE_ANY, RESOURCE_TOPIC, RESOURCE_GROUP = 1, 2, 3
+RESOURCE_ANY, RESOURCE_TOPIC, RESOURCE_GROUP, RESOURCE_TRANSACTIONAL_ID = 1, 2, 3, 5
 PATTERN_ANY, PATTERN_LITERAL, PATTERN_PREFIXED = 1, 3, 4
 OP_ANY, OP_READ, OP_WRITE = 1, 3, 4
 PERMISSION_ANY, PERMISSION_ALLOW = 1, 3
@@ -81,17 +84,24 @@ def group_acls() -> list[Acl]:
     return [
         Acl(RESOURCE_GROUP, AGGREGATOR_GROUP_PREFIX, PATTERN_PREFIXED, "User:aggregator", OP_READ),
         Acl(RESOURCE_GROUP, SERVING_GROUP_PREFIX, PATTERN_PREFIXED, "User:serving", OP_READ),
+        # Issue 15: leaves emit partials + offsets in Kafka transactions (transactional ids
+        # ``pfi-aggregator-leaf-...``); WRITE on a transactional id implies DESCRIBE.
+        Acl(
+            RESOURCE_TRANSACTIONAL_ID, AGGREGATOR_GROUP_PREFIX, PATTERN_PREFIXED, "User:aggregator", OP_WRITE
+        ),
     ]
 
 
 def topic_acls(settings: PFISettings, names: Iterable[str] | None = None) -> list[Acl]:
-    """The rules on ``settings``' three topics (only those among ``names`` when given)."""
+    """The rules on ``settings``' topics (only those among ``names`` when given)."""
     rules = [
         _topic(settings.updates_topic, "aggregator", OP_READ),
         _topic(settings.updates_topic, "ingest", OP_WRITE),
         _topic(settings.dlq_topic, "aggregator", OP_WRITE),
         _topic(settings.versions_topic, "aggregator", OP_WRITE),
         _topic(settings.versions_topic, "serving", OP_READ),
+        _topic(settings.partials_topic, "aggregator", OP_READ),  # the root
+        _topic(settings.partials_topic, "aggregator", OP_WRITE),  # the leaves (transactional)
     ]
     if names is None:
         return rules

@@ -93,7 +93,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: PFISettings, *, partitions: int | None = None) -> list[TopicSpec]:
-    """The three PFI topics. ``partitions`` overrides ``settings.update_partitions`` for the updates topic.
+    """The PFI topics. ``partitions`` overrides ``settings.update_partitions`` (updates and partials topics).
 
     * updates: 7 days, segments of 64 MiB so retention can drop old data in small steps;
     * DLQ: 14 days (kept longer than updates, for forensics);
@@ -113,6 +113,14 @@ def topic_specs(settings: PFISettings, *, partitions: int | None = None) -> list
             {**common, "retention.ms": str(14 * DAY_MS), "segment.bytes": str(64 * MIB)},
         ),
         TopicSpec(settings.versions_topic, VERSIONS_PARTITIONS, {**common, "retention.ms": "-1"}),
+        # Issue 15: partial aggregates of hierarchical federations, keyed by federation (one root owns a
+        # federation through its partition); as many partitions as the updates topic (roots scale by
+        # federation). Kept like updates: a root down for days still finds what the leaves committed.
+        TopicSpec(
+            settings.partials_topic,
+            partitions if partitions is not None else settings.update_partitions,
+            {**common, "retention.ms": str(7 * DAY_MS), "segment.bytes": str(64 * MIB)},
+        ),
     ]
 
 

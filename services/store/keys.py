@@ -117,6 +117,24 @@ def user_adapter(fed: str, user: str) -> str:
     return prefix(fed) + f"user:{user}:adapter"
 
 
+def user_documents(fed: str, user: str) -> str:
+    """A user's private retrieval store, one hash (:mod:`services.personalization.documents`): ``g``
+    generation, ``n`` chunks, ``b`` stored bytes, ``s`` a sequence, ``d:<doc>`` a document's record
+    (JSON), ``t:<doc>:<i>`` chunk texts, ``v:<doc>:<i>`` chunk embeddings (float32 bytes)."""
+    return prefix(fed) + f"user:{user}:documents"
+
+
+def user_document_order(fed: str, user: str) -> str:
+    """Sorted set of a user's document ids (score: insertion sequence), for listing pages."""
+    return prefix(fed) + f"user:{user}:document-order"
+
+
+def document_generation(fed: str) -> str:
+    """Counter: INCR on every change of any user's documents; the value is that user's new generation
+    (never reused, even after a delete-all removed the user's keys)."""
+    return prefix(fed) + "document-generation"
+
+
 def user_events(fed: str) -> str:
     """Redis stream of personal adapter uploads and deletes (users named by a digest only)."""
     return prefix(fed) + "user-events"

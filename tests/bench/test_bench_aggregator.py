@@ -50,6 +50,11 @@ def test_bench_aggregator_runs_end_to_end(
         assert row["raw"]["messages"] == row["messages"] == row["updates"] * row["messages_per_update"]
         assert row["flower"]["max_abs_diff"] < 1e-5  # the two folds compute the same mean
         assert row["stages"]["stages"]
+        costs = row["costs_us"]  # the per-update breakdown of the capacity model (issue 15)
+        for name in ("receive", "verify", "decode", "validate", "fold", "commit"):
+            assert 0 <= costs[name] < costs["end_to_end"], (name, costs)
+        assert costs["end_to_end"] == pytest.approx(1e6 * agg["seconds"] / row["updates"])
+        assert len(row["raw"]["seconds_before_after"]) == 2
     ratios = result["ratios"]
     for name in ("vs_raw_consumer", "vs_flower", "vs_flower_from_wire", "vs_flower_validated"):
         assert isinstance(ratios[name], float), name
@@ -58,6 +63,7 @@ def test_bench_aggregator_runs_end_to_end(
         assert ratios[f"vs_raw_consumer_{size}"] > 0
         assert ratios[f"vs_flower_{size}"] > 0
     assert "vs_raw_consumer = " in bench.table(result)
+    assert "cost per update (µs)" in bench.table(result)
 
     # Cleaned up: no keys of the run's federations, none of its topics.
     feds = [row["federation"] for row in result["sizes"]]

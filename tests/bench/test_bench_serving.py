@@ -15,7 +15,7 @@ from bench import serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-HEADLINE = ("p50_vs_base", "throughput_vs_per_request_load", "freshness_p99_s")
+HEADLINE = ("p50_vs_base", "throughput_vs_per_request_load", "freshness_p99_s", "stream_ttft_vs_native")
 
 
 def test_serving_bench_tiny(

@@ -122,7 +122,7 @@ async def test_serving_reads_versions_only(pfi_settings: PFISettings) -> None:
 
 async def test_topic_acls_are_literal_and_go_with_their_topics(pfi_settings: PFISettings) -> None:
     settings = pfi_settings.model_copy(update={"topic_prefix": f"t-acl-{uuid.uuid4().hex[:8]}"})
-    names = [settings.updates_topic, settings.dlq_topic, settings.versions_topic]
+    names = [settings.updates_topic, settings.dlq_topic, settings.versions_topic, settings.partials_topic]
     await ensure_topics(settings, partitions=1)
     admin = AIOKafkaAdminClient(**kafka_kwargs(settings, "admin"))
     await admin.start()

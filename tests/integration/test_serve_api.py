@@ -441,6 +441,9 @@ async def test_edge_agents_download_the_global_adapter_over_http(
 async def test_metrics_and_probes(h: Harness, fed: FederationSpec) -> None:
     await score(h, fed.name, "alice")
     await generate(h, fed.name, "alice")
+    # a route of a router added with include_router (FastAPI keeps it as one entry without a path)
+    listed = await h.client.get(f"/v1/federations/{fed.name}/users/alice/documents", headers=h.auth("alice"))
+    assert listed.status_code == 200, listed.text
     health = await h.client.get("/healthz")
     assert health.status_code == 200
     ready = await h.client.get("/readyz")
@@ -449,6 +452,8 @@ async def test_metrics_and_probes(h: Harness, fed: FederationSpec) -> None:
     text = (await h.client.get("/metrics")).text
     for name in (
         'pfi_serve_requests_total{method="POST",route="/v1/federations/{fed}/score",status="200"}',
+        'pfi_serve_requests_total{method="GET",route="/v1/federations/{fed}/users/{user}/documents",'
+        'status="200"}',
         "pfi_serve_request_duration_seconds_bucket",
         "pfi_serve_tokens_generated_total",
         "pfi_serve_adapter_cache_hits_total",
@@ -462,6 +467,7 @@ async def test_metrics_and_probes(h: Harness, fed: FederationSpec) -> None:
     ):
         assert name in text, name
     assert "alice" not in text  # no user ids in labels
+    assert 'route="None"' not in text  # every request labelled by its route's template
     openapi = (await h.client.get("/openapi.json")).json()
     assert "/v1/federations/{fed}/generate" in openapi["paths"]
 

@@ -260,7 +260,15 @@ class _Fleet:
             envelope = self.client.update(
                 random_delta(self.shapes, seed=10 * version + i),
                 base_version=0,
-                metrics=TrainingMetrics(loss_before=3.2, loss_after=2.0 + 0.25 * i, steps=4),
+                metrics=TrainingMetrics(
+                    loss_before=3.2,
+                    loss_after=2.0 + 0.25 * i,
+                    steps=4,
+                    # issue 16's quality report: the personal adapter helps, the new global too
+                    val_loss_global=2.5,
+                    val_loss_personal=2.2,
+                    val_loss_prev_global=2.8,
+                ),
             )
             await self.producer.send(envelope, key=self.client.key)
         await wait_version(self.store, self.name, version, within=60)

@@ -28,6 +28,8 @@ REQUIRED_ALERTS = {
     "PFIAggregatorInternalErrors",
     "PFIAggregatorPollFailures",
     "PFIIngestAuthRefusalBurst",
+    # issue 16: a new global version makes most reporting clients worse
+    "PFIGlobalVersionHarmsClients",
 }
 
 

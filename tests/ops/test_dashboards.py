@@ -55,6 +55,13 @@ REQUIRED_PANELS = {
         "training loss",
         "ingest refusals by reason",
     ],
+    # issue 16: what clients report about personalization quality
+    "pfi-personalization-quality": [
+        "personalization gain distribution",
+        "harmed by personalization",
+        "global-regression share",
+        "loss change under the new global",
+    ],
 }
 
 
@@ -169,7 +176,7 @@ def test_queries_name_only_pfi_metrics_recording_rules_and_up() -> None:
     foreign = {
         n: sorted(w)
         for n, w in referenced_names().items()
-        if not n.startswith(("pfi_aggregator_", "pfi_serve_", "pfi_ingest_"))
+        if not n.startswith(("pfi_aggregator_", "pfi_serve_", "pfi_ingest_", "pfi_hierarchy_"))
         and n not in records
         and n not in PROMETHEUS_BUILTIN
     }

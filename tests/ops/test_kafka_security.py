@@ -18,7 +18,11 @@ Overlays = dict[str, list[dict[str, Any]]]
 #: Local principal -> KafkaUser of the same role.
 USERS = {"User:aggregator": "pfi-aggregator", "User:ingest": "pfi-ingest", "User:serving": "pfi-serving"}
 OPERATIONS = {acls.OP_READ: "Read", acls.OP_WRITE: "Write"}
-RESOURCE = {acls.RESOURCE_TOPIC: "topic", acls.RESOURCE_GROUP: "group"}
+RESOURCE = {
+    acls.RESOURCE_TOPIC: "topic",
+    acls.RESOURCE_GROUP: "group",
+    acls.RESOURCE_TRANSACTIONAL_ID: "transactionalId",
+}
 PATTERN = {acls.PATTERN_LITERAL: "literal", acls.PATTERN_PREFIXED: "prefix"}
 
 

@@ -275,6 +275,75 @@ ITEMS: list[Item] = [
             )
         ],
     ),
+    # Issue 15: hierarchical federations (leaves fold partials, one root per federation makes versions).
+    Row("Hierarchical aggregation (partials)"),
+    Panel(
+        "Partials emitted and folded",
+        "Per second: partial aggregates the leaves committed (Kafka transactions) and the roots folded. "
+        "Emitted without folded: alert PFIPartialsStuck.",
+        "ops",
+        [
+            Q(
+                f"sum by (federation) (rate(pfi_hierarchy_partials_emitted_total{{{FED}}}[{RI}]))",
+                "emitted {{federation}}",
+            ),
+            Q(
+                f"sum by (federation) (rate(pfi_hierarchy_partials_folded_total{{{FED}}}[{RI}]))",
+                "folded {{federation}}",
+            ),
+        ],
+        width=8,
+    ),
+    Panel(
+        "Partial lag",
+        "From a leaf's commit of a partial to the root's fold (alert PFIPartialLagHigh above 60 s at p90).",
+        "s",
+        quantiles("pfi_hierarchy_partial_lag_seconds", NS, ""),
+        width=8,
+    ),
+    Panel(
+        "Updates per partial",
+        "How many updates one partial carries (PFI_AGGREGATOR_PARTIAL_MAX_UPDATES at most).",
+        "short",
+        quantiles("pfi_hierarchy_partial_updates", NS, ""),
+        width=8,
+    ),
+    Panel(
+        "Root: updates waiting for the next version",
+        "Updates folded by the root since its last version, per federation (a version at K).",
+        "short",
+        [Q(f"max by (federation) (pfi_hierarchy_root_pending_updates{{{FED}}})", "{{federation}}")],
+        width=8,
+    ),
+    Panel(
+        "Leaf transactions",
+        "Per second, by outcome: a failed one is aborted and its partition replayed from the last commit.",
+        "ops",
+        [
+            Q(
+                f"sum by (outcome) (rate(pfi_hierarchy_leaf_transactions_total{{{NS}}}[{RI}]))",
+                "{{outcome}}",
+            )
+        ],
+        width=8,
+    ),
+    Panel(
+        "Leaf rejections and refused partials",
+        "Per minute: updates refused by the leaves, by reason (dead-lettered), and partials the roots "
+        "refused (malformed, or repeating aggregated updates).",
+        "opm",
+        [
+            Q(
+                f"sum by (reason) (rate(pfi_hierarchy_leaf_rejected_total{{{FED}}}[{RI}])) * 60",
+                "leaf {{reason}}",
+            ),
+            Q(
+                f"sum by (reason) (rate(pfi_hierarchy_partials_refused_total{{{FED}}}[{RI}])) * 60",
+                "root {{reason}}",
+            ),
+        ],
+        width=8,
+    ),
 ]
 
 VARIABLES = [

@@ -207,6 +207,30 @@ ITEMS: list[Item] = [
         ],
         width=24,
     ),
+    Row("Private retrieval (users' documents)"),
+    Panel(
+        "Retrieval latency (p50 / p99)",
+        "One retrieval from a user's documents by mode: generation check in Redis, index build on a "
+        "cache miss, query embedding (MiniLM), search.",
+        "s",
+        quantiles("pfi_serve_retrieval_duration_seconds", NS, "mode", (0.5, 0.99)),
+        width=12,
+    ),
+    Panel(
+        "Documents and chunks stored, index builds",
+        "Documents added / deleted and chunks embedded per second; index builds (cache misses) per "
+        "second; bytes of in-memory indexes per replica on the right axis.",
+        "ops",
+        [
+            Q(f"sum by (op) (rate(pfi_serve_documents_total{{{NS}}}[{RI}]))", "documents {{op}}"),
+            Q(f"sum(rate(pfi_serve_document_chunks_total{{{NS}}}[{RI}]))", "chunks embedded"),
+            Q(
+                f"sum(rate(pfi_serve_retrieval_index_build_duration_seconds_count{{{NS}}}[{RI}]))",
+                "index builds",
+            ),
+        ],
+        width=12,
+    ),
     Row("Global adapter"),
     Panel(
         "Global version served",

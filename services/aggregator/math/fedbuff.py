@@ -60,6 +60,9 @@ class BufferedUpdate:
     delta: StateDict
     num_samples: int
     staleness: int
+    # The L2 norm of the projected delta (:func:`.robust.l2_norm` of ``project_delta(delta, lora_mode)``)
+    # when the caller computed it already (the service's validation does): not computed twice (issue 15).
+    norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -132,7 +135,7 @@ def aggregate(
     clipped: list[str] = []
     bounded: list[StateDict] = []
     for u, d in zip(buffer, deltas, strict=True):
-        norm = l2_norm(d)
+        norm = l2_norm(d) if u.norm is None else u.norm
         if not math.isfinite(norm):
             raise ValueError(f"update {u.update_id!r} has non-finite values")
         norms[u.update_id] = norm

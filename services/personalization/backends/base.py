@@ -22,7 +22,9 @@ Contract (what the callers rely on; a new backend must keep every point):
 * **Score** / **generate** (:meth:`ModelStack.score`, :meth:`ModelStack.generate`): one call serves all
   rows of a batch, each with its own personal adapter or none (base + global only). A row's result
   does not depend on the batch it landed in (up to float rounding); the batcher has already bounded
-  the rows and padded tokens. Model thread only (:mod:`..batcher`): calls never overlap.
+  the rows and padded tokens. Model thread only (:mod:`..batcher`): calls never overlap. A generation
+  row with ``on_token`` gets each new token through it as soon as it is chosen, and ends at once
+  (``GenOut.finish_reason`` "stopped") when it returns False; the batch's other rows go on.
 * **Let go of evicted adapters** (:meth:`ModelStack.release_evicted`): after each batch, and on demand,
   forget every bound adapter whose ``evicted`` flag is set (left the cache, replaced or deleted): the
   model must not keep a copy of a deleted adapter. :meth:`ModelStack.bound_adapters` says what is bound.
@@ -39,8 +41,8 @@ Adding a backend: a module or package under :mod:`services.personalization.backe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
 import torch
@@ -69,6 +71,9 @@ class TokenCodec(Protocol):
 class ScoreRow:
     ids: list[int]
     adapter: PersonalAdapter | None
+    #: The ids ``ids[1 : 1 + context_len]`` are retrieved context (after BOS): they condition the rest
+    #: but are not scored as targets (the text's tokens are).
+    context_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,15 @@ class GenRow:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    #: Called on the model thread with each new token as soon as it is chosen (never EOS); returning
+    #: False ends the row after that token (finish "stopped"): streaming, stop strings, disconnects.
+    on_token: Callable[[int], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class GenOut:
     tokens: list[int]
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | "stopped" (the row's ``on_token`` returned False)
 
 
 class ModelStack(ABC):

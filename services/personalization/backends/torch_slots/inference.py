@@ -9,11 +9,13 @@ Generation uses the model's ``generate`` (every decoding step keeps the batch's 
 left padding, greedy decoding driven by :class:`RowSampler`, which picks every row's next token itself
 (per-row temperature, top-p and seeded generator, so a request's output does not depend on the batch it
 landed in, up to float rounding) and :class:`RowBudget`, which stops each row at its own
-``max_new_tokens``; EOS stops a row as usual.
+``max_new_tokens``; EOS stops a row as usual. A row with ``on_token`` (streaming) gets each token from
+:class:`RowSampler` the moment it is chosen, and :class:`RowStopped` ends it when that returns False.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ from services.personalization.backends.base import GenOut, GenRow, ScoreOut, Sco
 
 if TYPE_CHECKING:
     from services.personalization.backends.torch_slots.stacks import SlotStack
+
+log = logging.getLogger("pfi.serve.inference")
 
 
 def score_rows(stack: SlotStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
@@ -42,6 +46,8 @@ def score_rows(stack: SlotStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
         flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
         target = ids[:, 1:]
         valid = mask[:, 1:].bool()
+        for i, row in enumerate(rows):  # retrieved context conditions the text but is not scored
+            valid[i, : row.context_len] = False
         nll = F.cross_entropy(flat, target.reshape(-1), reduction="none").view_as(target)
         nll = torch.where(valid, nll, torch.zeros_like(nll)).sum(dim=1)
         correct = ((flat.argmax(-1).view_as(target) == target) & valid).sum(dim=1)
@@ -55,10 +61,15 @@ def score_rows(stack: SlotStack, rows: Sequence[ScoreRow]) -> list[ScoreOut]:
 class RowSampler:
     """A logits processor that chooses each row's next token (argmax at temperature 0, else top-p
     sampling from the row's own generator) and leaves only that token finite: with greedy decoding
-    ``generate`` then takes exactly this choice."""
+    ``generate`` then takes exactly this choice. A row with ``on_token`` gets each chosen token (until
+    EOS or its budget) as soon as it is chosen; when that returns False the row is ``stopped``."""
 
-    def __init__(self, rows: Sequence[GenRow]) -> None:
+    def __init__(self, rows: Sequence[GenRow], eos_id: int | None = None) -> None:
         self.rows = rows
+        self.eos_id = eos_id
+        self.emitted = [0] * len(rows)  # tokens handed to a row's on_token
+        self.ended = [False] * len(rows)  # a streamed row that has ended (EOS, budget or its on_token)
+        self.stopped = torch.zeros(len(rows), dtype=torch.bool)  # ended by its on_token
         self.generators = [
             None
             if row.temperature <= 0
@@ -81,9 +92,38 @@ class RowSampler:
                 ordered = torch.where(keep, ordered, torch.zeros_like(ordered))
                 probs = torch.zeros_like(probs).scatter(0, order, ordered)
             chosen[i] = int(torch.multinomial(probs, 1, generator=generator))
+        self._hand_out(chosen)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1).to(scores.device), 0.0)
         return out
+
+    def _hand_out(self, chosen: torch.Tensor) -> None:
+        for i, row in enumerate(self.rows):
+            if row.on_token is None or self.ended[i]:
+                continue
+            token = int(chosen[i])
+            if token == self.eos_id:
+                self.ended[i] = True
+                continue
+            self.emitted[i] += 1
+            try:
+                keep = bool(row.on_token(token))
+            except Exception:  # a consumer's bug ends its own row, never the batch
+                log.exception("on_token failed; the row is stopped")
+                keep = False
+            if not keep:
+                self.stopped[i] = True
+            self.ended[i] = self.ended[i] or not keep or self.emitted[i] >= row.max_new_tokens
+
+
+class RowStopped:
+    """Stopping criterion: the rows whose ``on_token`` asked to stop (see :class:`RowSampler`)."""
+
+    def __init__(self, sampler: RowSampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return self.sampler.stopped.clone().to(input_ids.device)
 
 
 class RowBudget:
@@ -117,18 +157,22 @@ def generate_rows(stack: SlotStack, rows: Sequence[GenRow]) -> list[GenOut]:
         eos_token_id=tokens.eos_id,
         bos_token_id=tokens.bos_id,
     )
+    sampler = RowSampler(rows, tokens.eos_id)
+    criteria = [RowBudget(length, [r.max_new_tokens for r in rows]), RowStopped(sampler)]
     with torch.inference_mode(), stack.serving([r.adapter for r in rows]):
         out = stack.model.generate(
             input_ids=ids,
             attention_mask=mask,
             generation_config=config,
-            logits_processor=LogitsProcessorList([RowSampler(rows)]),
-            stopping_criteria=StoppingCriteriaList([RowBudget(length, [r.max_new_tokens for r in rows])]),
+            logits_processor=LogitsProcessorList([sampler]),
+            stopping_criteria=StoppingCriteriaList(criteria),
         )
     results: list[GenOut] = []
     for i, row in enumerate(rows):
         new = [int(t) for t in out[i, length : length + row.max_new_tokens].tolist()]
-        if tokens.eos_id is not None and tokens.eos_id in new:
+        if bool(sampler.stopped[i]):
+            results.append(GenOut(new[: sampler.emitted[i]], "stopped"))
+        elif tokens.eos_id is not None and tokens.eos_id in new:
             results.append(GenOut(new[: new.index(tokens.eos_id)], "eos"))
         else:
             results.append(GenOut(new, "length"))

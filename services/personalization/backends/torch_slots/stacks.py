@@ -9,7 +9,9 @@ PEFT model first, which made every hot swap slower). A merged copy therefore cos
 weights, not a whole model, and the pristine base is never modified.
 
 Personal adapters (:mod:`.lora_slots`): every target ``Linear`` of the merged copy is wrapped by a
-:class:`~.lora_slots.SlotLoRALinear` holding ``adapter_slots`` stacked A/B matrices. To serve a batch,
+:class:`~.lora_slots.SlotLoRALinear` holding ``adapter_slots`` stacked A/B matrices. A user's gate
+(``AdapterRecord.gate``, 0..1) is applied when the adapter is bound: its ``lora_B`` is copied scaled by
+the gate, so every forward costs the same whatever the gates (a gate of 0 is never bound). To serve a batch,
 :meth:`SlotStack.bind` copies each needed adapter that is not bound yet into a free slot (least
 recently used first; a hot user's binding survives across batches) and :meth:`SlotStack.serving`
 routes rows to slots for the forward(s) inside it: one gather + two ``bmm`` per target layer, the same
@@ -152,10 +154,15 @@ class SlotStack(ModelStack):
         self.binds = 0
 
     # -- model thread ------------------------------------------------------------------------------
-    def _load(self, slot: int, params: Mapping[str, torch.Tensor]) -> None:
+    def _load(self, slot: int, params: Mapping[str, torch.Tensor], gate: float = 1.0) -> None:
+        """Copy an adapter into ``slot``; its ``lora_B`` scaled by ``gate`` (the user's gate: the slot's
+        LoRA output is ``gate * B A x * scaling``; a gate of 1 copies the tensors unchanged)."""
         with torch.no_grad():
             for key, (layer, kind) in self._layers.items():
-                getattr(layer, kind)[slot].copy_(params[key])
+                target = getattr(layer, kind)[slot]
+                target.copy_(params[key])
+                if kind == "lora_B" and gate != 1.0:
+                    target.mul_(gate)
 
     def _clear(self, slot: int) -> None:
         with torch.no_grad():
@@ -182,7 +189,7 @@ class SlotStack(ModelStack):
                 continue
             used = set(slot_of.values())
             slot = next(s for s in self._bound if s not in used)
-            self._load(slot, adapter.params)
+            self._load(slot, adapter.params, adapter.record.gate)
             self._bound[slot] = adapter
             self._bound.move_to_end(slot)
             slot_of[id(adapter)] = slot
@@ -191,7 +198,9 @@ class SlotStack(ModelStack):
 
     @contextlib.contextmanager
     def serving(self, adapters: Sequence[PersonalAdapter | None]) -> Iterator[None]:
-        """Forwards inside the block serve row ``i`` with ``adapters[i]`` (None: base + global)."""
+        """Forwards inside the block serve row ``i`` with ``adapters[i]`` (None: base + global). A
+        personal adapter whose gate is 0 is not bound at all: its rows are served exactly as global-only."""
+        adapters = [None if a is not None and a.record.gate <= 0.0 else a for a in adapters]
         if self.kind != "merged" or all(a is None for a in adapters):
             yield
             return
