@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from schemas.chunking import ReassemblyBudget
 from schemas.errors import PFIError
 from services.aggregator.batch import BatchPreparer
+from services.aggregator.connections import group_consumer, outbound_producer
 from services.aggregator.core import cpu_pool
 from services.aggregator.intake import Intake
 from services.aggregator.metrics import AggregatorMetrics
@@ -45,9 +46,7 @@ from services.aggregator.versioning import VersionWriter
 from services.health import HealthServer
 from services.identity.keys import FederationKeys
 from services.settings import AggregatorSettings, PFISettings
-from services.stack.topics import consumer_limits, producer_limits
 from services.store.versions import VersionStore
-from services.transport import kafka_kwargs
 
 __all__ = ["Aggregator", "cpu_pool"]
 
@@ -94,25 +93,8 @@ class Aggregator(Intake):
             budget=self.budget,
             on_unavailable=lambda fed: self.metrics.federations_unavailable.labels(fed).inc(),
         )
-        self.consumer = AIOKafkaConsumer(
-            **kafka_kwargs(settings, "aggregator"),
-            group_id=agg.group_id,
-            client_id=self.instance,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            **consumer_limits(settings),
-            max_poll_interval_ms=agg.max_poll_interval_ms,
-            session_timeout_ms=agg.session_timeout_ms,
-            heartbeat_interval_ms=agg.heartbeat_interval_ms,
-            max_poll_records=agg.max_poll_records,
-        )
-        self.producer = AIOKafkaProducer(
-            **kafka_kwargs(settings, "aggregator"),
-            client_id=f"{self.instance}-out",
-            acks="all",
-            enable_idempotence=True,
-            **producer_limits(settings),
-        )
+        self.consumer = group_consumer(settings, agg, group_id=agg.group_id, client_id=self.instance)
+        self.producer = outbound_producer(settings, client_id=f"{self.instance}-out")
         self.publisher = Publisher(self.producer, settings, self.instance)
         self.rejections = Rejections(self.publisher, self.metrics, self.topic)
         self.preparer = BatchPreparer(

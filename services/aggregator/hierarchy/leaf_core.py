@@ -12,13 +12,13 @@ import time
 import uuid
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from schemas.chunking import ReassemblyBudget
 from schemas.errors import RejectedInput
 from schemas.events import Envelope
+from services.aggregator.connections import group_consumer, outbound_producer
 from services.aggregator.core import cpu_pool
 from services.aggregator.hierarchy.metrics import HierarchyMetrics
 from services.aggregator.hierarchy.partitions import PartitionState
@@ -28,9 +28,7 @@ from services.aggregator.state_loader import StateLoader
 from services.health import HealthServer
 from services.identity.keys import FederationKeys
 from services.settings import AggregatorSettings, PFISettings
-from services.stack.topics import consumer_limits, producer_limits
 from services.store.versions import VersionStore
-from services.transport import kafka_kwargs
 
 log = logging.getLogger("pfi.aggregator.leaf")
 
@@ -60,26 +58,10 @@ class LeafCore:
         self.generation = 0
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(
-            **kafka_kwargs(settings, "aggregator"),
-            group_id=self.group,
-            client_id=self.instance,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            **consumer_limits(settings),
-            max_poll_interval_ms=agg.max_poll_interval_ms,
-            session_timeout_ms=agg.session_timeout_ms,
-            heartbeat_interval_ms=agg.heartbeat_interval_ms,
-            max_poll_records=agg.max_poll_records,
+        self.consumer = group_consumer(
+            settings, agg, group_id=self.group, client_id=self.instance, read_committed=True
         )
-        self.dlq = AIOKafkaProducer(
-            **kafka_kwargs(settings, "aggregator"),
-            client_id=f"{self.instance}-dlq",
-            acks="all",
-            enable_idempotence=True,
-            **producer_limits(settings),
-        )
+        self.dlq = outbound_producer(settings, client_id=f"{self.instance}-dlq")
         self.publisher = Publisher(self.dlq, settings, self.instance)
         self.health = HealthServer(self.registry, self.ready, agg.host, agg.port)
         self._last_poll = 0.0

@@ -30,12 +30,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.aggregator.connections import group_consumer, outbound_producer
 from services.aggregator.core import cpu_pool
 from services.aggregator.hierarchy.codec import PartialRejected, decode_partial
 from services.aggregator.hierarchy.metrics import HierarchyMetrics
@@ -46,9 +47,7 @@ from services.aggregator.runtime import FederationRuntime
 from services.aggregator.state_loader import StateLoader
 from services.health import HealthServer
 from services.settings import AggregatorSettings, PFISettings
-from services.stack.topics import consumer_limits, producer_limits
 from services.store.versions import CommitConflict, NotReplicated, VersionStore
-from services.transport import kafka_kwargs
 
 log = logging.getLogger("pfi.aggregator.root")
 
@@ -93,26 +92,10 @@ class Root:
         )
         self.pool = cpu_pool(agg)
         self.loader = StateLoader(self.store, settings, self.run_cpu)
-        self.consumer = AIOKafkaConsumer(
-            **kafka_kwargs(settings, "aggregator"),
-            group_id=f"{agg.group_id}-root",
-            client_id=self.instance,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            **consumer_limits(settings),
-            max_poll_interval_ms=agg.max_poll_interval_ms,
-            session_timeout_ms=agg.session_timeout_ms,
-            heartbeat_interval_ms=agg.heartbeat_interval_ms,
-            max_poll_records=agg.max_poll_records,
+        self.consumer = group_consumer(
+            settings, agg, group_id=f"{agg.group_id}-root", client_id=self.instance, read_committed=True
         )
-        self.producer = AIOKafkaProducer(
-            **kafka_kwargs(settings, "aggregator"),
-            client_id=f"{self.instance}-out",
-            acks="all",
-            enable_idempotence=True,
-            **producer_limits(settings),
-        )
+        self.producer = outbound_producer(settings, client_id=f"{self.instance}-out")
         self.publisher = Publisher(self.producer, settings, self.instance)
         self.states: dict[str, RootState] = {}
         self.runtimes: dict[str, FederationRuntime] = {}
