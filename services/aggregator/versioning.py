@@ -102,32 +102,8 @@ class VersionWriter:
             raise PoisonedUpdates(sorted(poisoned), str(err)) from err
         accountant, epsilon = account(runtime.accountant, agg)  # the DP wrapper's privacy spent
         version = runtime.head + 1
-        meta = VersionMeta(
-            federation=runtime.name,
-            version=version,
-            parent=runtime.latest,
-            kind="aggregate",
-            created_at=utcnow(),
-            digest=sha256_hex(blob),
-            size_bytes=len(blob),
-            spec_fingerprint=runtime.fingerprint,
-            updates=_contributions(taken, result),
-            lora_mode=agg.lora_mode,
-            robust=agg.robust,
-            server_optimizer=agg.server_optimizer,
-            noise_std=result.noise_std,
-            dp_epsilon=epsilon,
-            dp_delta=agg.dp_delta if epsilon is not None else None,
-            aggregation_seconds=time.perf_counter() - started,
-        )
-        event = GlobalVersionPublished(
-            federation=runtime.name,
-            version=version,
-            parent=runtime.latest,
-            digest=meta.digest,
-            num_updates=len(taken),
-            size_bytes=len(blob),
-            created_at=meta.created_at,
+        meta, event = version_records(
+            runtime, version, blob, _contributions(taken, result), result.noise_std, epsilon, started
         )
         envelope = self.publisher.version_envelope(event)
         offsets = runtime.durable_offsets(processed, self.topic)
@@ -176,6 +152,48 @@ class VersionWriter:
         if replicated:
             await self.publisher.announce(envelope)  # after the metrics: they describe the commit itself
         return version
+
+
+def version_records(
+    runtime: FederationRuntime,
+    version: int,
+    blob: bytes,
+    updates: tuple[UpdateContribution, ...],
+    noise_std: float,
+    epsilon: float | None,
+    started: float,
+) -> tuple[VersionMeta, GlobalVersionPublished]:
+    """The metadata of an aggregated version and its announcement (single aggregator and hierarchy
+    root alike): ``version`` on top of ``runtime.latest``, made of ``updates``."""
+    agg = runtime.spec.aggregation
+    meta = VersionMeta(
+        federation=runtime.name,
+        version=version,
+        parent=runtime.latest,
+        kind="aggregate",
+        created_at=utcnow(),
+        digest=sha256_hex(blob),
+        size_bytes=len(blob),
+        spec_fingerprint=runtime.fingerprint,
+        updates=updates,
+        lora_mode=agg.lora_mode,
+        robust=agg.robust,
+        server_optimizer=agg.server_optimizer,
+        noise_std=noise_std,
+        dp_epsilon=epsilon,
+        dp_delta=agg.dp_delta if epsilon is not None else None,
+        aggregation_seconds=time.perf_counter() - started,
+    )
+    event = GlobalVersionPublished(
+        federation=runtime.name,
+        version=version,
+        parent=runtime.latest,
+        digest=meta.digest,
+        num_updates=len(updates),
+        size_bytes=len(blob),
+        created_at=meta.created_at,
+    )
+    return meta, event
 
 
 def fold_and_encode(

@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Mapping
 
 import torch
 
 from modeling.blobs import BLOB_ENCODING
 from modeling.lora import StateDict
-from schemas.codec import encode_tensors, sha256_hex
-from schemas.events import AggregationSpec, GlobalVersionPublished, utcnow
-from schemas.records import UpdateContribution, VersionMeta
+from schemas.codec import encode_tensors
+from schemas.events import AggregationSpec
+from schemas.records import UpdateContribution
 from services.aggregator.hierarchy.partial import Accumulation, aggregate_partials
 from services.aggregator.math.fedbuff import AggregationResult
 from services.aggregator.math.server_optimizer import ServerOptState
 from services.aggregator.math.strategies.gaussian_dp import account
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import FederationRuntime
+from services.aggregator.versioning import version_records
 from services.store.keys import seen_member
 from services.store.versions import VersionCommit
 
@@ -78,46 +78,21 @@ def build_commit(
     accountant, epsilon = account(runtime.accountant, agg)
     version = runtime.head + 1
     lineage = runtime.lineage
-    meta = VersionMeta(
-        federation=runtime.name,
-        version=version,
-        parent=runtime.latest,
-        kind="aggregate",
-        created_at=utcnow(),
-        digest=sha256_hex(blob),
-        size_bytes=len(blob),
-        spec_fingerprint=runtime.fingerprint,
-        updates=tuple(
-            UpdateContribution(
-                update_id=c.update_id,
-                client_id=c.client_id,
-                base_version=c.base_version,
-                staleness=lineage[c.base_version],
-                staleness_weight=result.staleness_weights[c.update_id],
-                weight=result.weights[c.update_id],
-                num_samples=c.num_samples,
-                norm=c.norm,
-                clipped=c.clipped,
-            )
-            for c in acc.contributions
-        ),
-        lora_mode=agg.lora_mode,
-        robust=agg.robust,
-        server_optimizer=agg.server_optimizer,
-        noise_std=result.noise_std,
-        dp_epsilon=epsilon,
-        dp_delta=agg.dp_delta if epsilon is not None else None,
-        aggregation_seconds=time.perf_counter() - started,
+    updates = tuple(
+        UpdateContribution(
+            update_id=c.update_id,
+            client_id=c.client_id,
+            base_version=c.base_version,
+            staleness=lineage[c.base_version],
+            staleness_weight=result.staleness_weights[c.update_id],
+            weight=result.weights[c.update_id],
+            num_samples=c.num_samples,
+            norm=c.norm,
+            clipped=c.clipped,
+        )
+        for c in acc.contributions
     )
-    event = GlobalVersionPublished(
-        federation=runtime.name,
-        version=version,
-        parent=runtime.latest,
-        digest=meta.digest,
-        num_updates=acc.count,
-        size_bytes=len(blob),
-        created_at=meta.created_at,
-    )
+    meta, event = version_records(runtime, version, blob, updates, result.noise_std, epsilon, started)
     envelope = publisher.version_envelope(event)
     counts = dict(stats)
     counts["accepted_total"] = counts.get("accepted_total", 0) + acc.count
