@@ -312,9 +312,11 @@ async def test_chunked_updates_interleaved_with_whole_ones(
         await produce(producer, [mixed[0], w3, *mixed[1:]], key)
         await wait_version(fleet.store, fleet.name, 2)
         chunks = len(big) + len(a) + len(b)
-        # (counted once handled: the last chunk's count may trail its version by a moment)
-        await wait_for(lambda: sample(agg, "pfi_aggregator_messages_received_total", kind="chunk") == chunks)
-        assert sample(agg, "pfi_aggregator_messages_received_total", kind="whole") == 3
+        # Counted once handled (the last chunk's count may trail its version by a moment). At least once,
+        # not exactly: a consumer-group rebalance on a loaded machine replays messages above the stored
+        # offsets and counts them again; exactly-once is what the version checks below assert.
+        await wait_for(lambda: sample(agg, "pfi_aggregator_messages_received_total", kind="chunk") >= chunks)
+        assert sample(agg, "pfi_aggregator_messages_received_total", kind="whole") >= 3
         assert sample(agg, "pfi_aggregator_chunked_uploads_in_flight") == 0
         await assert_counts(fleet.store, fleet.name, 6)
     meta1 = await fleet.store.get_meta(fleet.name, 1)
