@@ -234,8 +234,19 @@ def log4j_properties() -> str:
 
 
 def new_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters).
+
+    Never starts with ``-``: ``kafka-storage format -t -x…`` reads such an id as an option and fails (one id
+    in 64 would), which is why Kafka's own ``Uuid.randomUuid`` draws again in that case too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if usable_cluster_id(cluster_id):
+            return cluster_id
+
+
+def usable_cluster_id(cluster_id: str) -> bool:
+    """Whether the storage tool can take ``cluster_id`` as its ``-t`` argument."""
+    return bool(cluster_id) and not cluster_id.startswith("-")
 
 
 def _formatted_cluster_id(paths: KafkaPaths) -> str | None:
@@ -284,9 +295,10 @@ def format_storage(
     paths = kafka_paths(settings)
     if _formatted_cluster_id(paths) is not None:
         return
-    if paths.cluster_id.is_file():
-        cluster_id = paths.cluster_id.read_text().strip()
-    else:
+    stored = paths.cluster_id.read_text().strip() if paths.cluster_id.is_file() else ""
+    if usable_cluster_id(stored):
+        cluster_id = stored
+    else:  # none yet, or one written before ids starting with "-" were refused (the storage is unformatted)
         cluster_id = new_cluster_id()
         paths.cluster_id.write_text(cluster_id + "\n")
     echo(f"kafka: formatting storage in {paths.data} (cluster id {cluster_id})")

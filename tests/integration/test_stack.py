@@ -276,6 +276,8 @@ async def test_down_and_up_of_a_second_stack(tmp_path: Path) -> None:
     stale = broker.kafka_paths(settings).pidfile
     stale.parent.mkdir(parents=True)
     stale.write_text("999999\n")
+    # A cluster id left by an earlier version that the storage tool would read as an option is replaced.
+    broker.kafka_paths(settings).cluster_id.write_text("-x8hRk0cQe2m4oXn1b3vLw\n")
     try:
         status = await manager.up_async(settings, echo=lines.append)
         assert status.up, status.to_dict()
@@ -283,6 +285,7 @@ async def test_down_and_up_of_a_second_stack(tmp_path: Path) -> None:
         assert not status.redis.external
         assert status.kafka.address == f"127.0.0.1:{settings.kafka_port}"
         assert any("stale pidfile" in line for line in lines), lines
+        assert not broker.kafka_paths(settings).cluster_id.read_text().startswith("-")
         pids = [status.kafka.pid, status.redis.pid]
         assert all(isinstance(p, int) and pid_alive(p) for p in pids)
         assert stack_topics_exist(await describe_topics(settings, [settings.updates_topic]), settings)
