@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.stack import broker_config
 from services.stack.broker_config import new_cluster_id, usable_cluster_id
 
 
@@ -16,7 +15,7 @@ def test_an_id_starting_with_a_dash_is_drawn_again(monkeypatch: pytest.MonkeyPat
     draws: Iterator[uuid.UUID] = iter(
         [uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" + bytes(15))]
     )
-    monkeypatch.setattr(broker_config.uuid, "uuid4", lambda: next(draws))
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
     cluster_id = new_cluster_id()
     assert cluster_id.startswith("A")
     assert len(cluster_id) == 22
