@@ -5,7 +5,10 @@ messages)`` returns once the service acknowledged (202: stored in the update log
 update. What a failure means for the queued update:
 
 * **retryable** (the outbox keeps it and retries with back-off): connection errors and timeouts, 408,
-  429 (``Retry-After`` honoured by the back-off), 5xx (503: the update log is unavailable);
+  409 (the same message is being stored by another request), 429 (``Retry-After`` honoured by the
+  back-off), 5xx (503: the update log is unavailable);
+* a retry of a message the service already stored is answered 202 with ``"duplicate": true`` and its
+  first position: acknowledged, never stored twice;
 * **permanent** (:class:`~clients.outbox.RejectedUpdate`; the outbox moves the item to ``rejected/`` and
   reports it): any other 4xx, e.g. a bad signature or a revoked device. A 401 first gets one token
   refresh and one more try.
@@ -30,7 +33,7 @@ from schemas.errors import PFIError
 log = logging.getLogger("pfi.edge.uploader")
 
 TokenSource = Callable[[], Awaitable[str]]
-RETRYABLE_4XX = frozenset({408, 429})
+RETRYABLE_4XX = frozenset({408, 409, 429})
 
 
 class UploadError(PFIError):

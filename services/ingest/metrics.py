@@ -36,4 +36,9 @@ class IngestMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.duplicates = Counter(
+            f"{ns}_duplicates_total",
+            "Messages already stored (a device's retry): answered with their first position, not produced",
+            registry=registry,
+        )
         self.in_flight = Gauge(f"{ns}_in_flight", "Ingest requests being handled", registry=registry)

@@ -11,9 +11,12 @@ each step refusing with a JSON error (``{"error": {"code", "message"}}``) and pr
 4. the message's ``federation`` is ``fed`` and its ``client_id`` is the token's subject (403);
 5. the signature verifies under the client's key from the federation's registry (403; chunks must be
    signed too; a client that is unknown or revoked is refused);
-6. produced keyed by federation with ``acks=all`` by the ``ingest`` Kafka principal: 202
-   ``{"update_id", "partition", "offset"}``; Kafka (or the client registry) unavailable: 503 +
-   ``Retry-After``.
+6. idempotency (:mod:`services.ingest.idempotency`): a message already stored is answered 202 with its
+   original ``partition``/``offset`` and ``"duplicate": true`` and produced nothing; one that another
+   request is producing right now is a 409 ``in_progress`` + ``Retry-After: 1``;
+7. produced keyed by federation (``federation/client`` for a hierarchical one) with ``acks=all`` by the
+   ``ingest`` Kafka principal: 202 ``{"update_id", "partition", "offset"}``; Kafka (or the client
+   registry) unavailable: 503 + ``Retry-After``.
 
 The app's gate (:mod:`services.personalization.limits`) checks the body cap and the token first; the
 route uses the principal it left (and checks the token itself when mounted without the gate).
@@ -38,6 +41,7 @@ from schemas.errors import RejectedInput, SignatureError
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame
 from schemas.signing import KeyStore, verify_chunk, verify_update
+from services.ingest.idempotency import Claim, UploadLedger
 from services.ingest.metrics import IngestMetrics
 from services.ingest.producer import Produced, UpdateProducer
 from services.ingest.quota import Quotas
@@ -74,6 +78,7 @@ class Accepted:
     update_id: str
     partition: int
     offset: int
+    duplicate: bool = False
 
 
 def _refuse(status: int, code: str, message: str) -> IngestRefused:
@@ -108,6 +113,7 @@ class IngestGate:
             max_clients=self.settings.max_tracked_clients,
         )
         self._keys = keys
+        self._ledger: UploadLedger | None = None
         self.producer = producer or UpdateProducer(
             service.settings, principal="ingest", client_id="pfi-ingest"
         )
@@ -119,6 +125,16 @@ class IngestGate:
 
             self._keys = FederationKeys()
         return self._keys
+
+    @property
+    def ledger(self) -> UploadLedger:
+        if self._ledger is None:
+            self._ledger = UploadLedger(
+                self.service.redis,
+                ttl_s=self.settings.dedupe_ttl_s,
+                pending_ttl_s=int(self.settings.produce_timeout_s) + 30,
+            )
+        return self._ledger
 
     async def close(self) -> None:
         await self.producer.close()
@@ -193,6 +209,20 @@ class IngestGate:
         self.metrics.produce_seconds.observe(time.perf_counter() - started)
         return produced
 
+    async def produce_claimed(self, fed: str, body: bytes, kafka_key: str | None, claim: Claim) -> Produced:
+        """Produce under ``claim``: settled with the position, or released when producing failed."""
+        try:
+            produced = await self.produce(fed, body, kafka_key)
+        except BaseException:
+            with contextlib.suppress(RedisError):  # an unreleased claim expires after pending_ttl_s
+                await self.ledger.release(claim)
+            raise
+        try:
+            await self.ledger.settle(claim, produced.partition, produced.offset)
+        except RedisError as err:  # stored all the same: a retry after the claim expired may produce again
+            log.warning("ingest: recording %s failed: %s", claim.key, err)
+        return produced
+
     async def handle(self, fed: str, request: Request, authorization: str | None) -> Accepted:
         verified = getattr(request.state, "principal", None)
         client_id = self.authenticate(
@@ -211,17 +241,35 @@ class IngestGate:
             body = await self.read_body(request)
             used = len(body)
             envelope = await self.check(fed, client_id, body)
+            data = envelope.data
             try:
                 kafka_key = await self.topologies.key(self.service.redis, fed, client_id)
+                claim = await self.ledger.claim(
+                    fed,
+                    client_id,
+                    data.update_id,
+                    data.index if isinstance(data, AdapterUpdateChunk) else None,
+                )
             except RedisError:
                 raise _refuse(503, "registry_unavailable", "the federation registry is unavailable") from None
-            produced = await self.produce(fed, body, kafka_key)
+            if claim.state == "done":
+                self.metrics.duplicates.inc()
+                return Accepted(str(data.update_id), claim.partition, claim.offset, duplicate=True)
+            if claim.state == "pending":
+                raise InProgress("this message is being stored by another request; retry shortly")
+            produced = await self.produce_claimed(fed, body, kafka_key, claim)
         finally:
             self.quotas.release(key, refund=max(0, charge - used))
-        data = envelope.data
         self.metrics.messages.labels(kind="update" if isinstance(data, AdapterUpdate) else "chunk").inc()
         self.metrics.bytes.labels(outcome="accepted").observe(len(body))
         return Accepted(str(data.update_id), produced.partition, produced.offset)
+
+
+class InProgress(ServeError):
+    """The same message is being produced by another request (409, retry after a second)."""
+
+    status = 409
+    code = "in_progress"
 
 
 class QuotaExceeded(ServeError):
@@ -234,7 +282,7 @@ class QuotaExceeded(ServeError):
 
 
 def _outcome(err: ServeError) -> str:
-    if err.status == 429:
+    if err.status in (409, 429):  # retry later: in progress elsewhere, or over quota
         return "throttled"
     if err.status == 503:
         return "unavailable"
@@ -288,6 +336,8 @@ def ingest_router(
                 headers["WWW-Authenticate"] = 'Bearer realm="pfi"'
             if isinstance(err, QuotaExceeded):
                 headers["Retry-After"] = str(err.retry_after_s)
+            elif isinstance(err, InProgress):
+                headers["Retry-After"] = "1"
             elif err.status == 503:
                 headers["Retry-After"] = str(gate.settings.retry_after_s)
             if err.status != 401 and err.status < 500:
@@ -301,10 +351,16 @@ def ingest_router(
             )
         finally:
             gate.metrics.in_flight.dec()
-        gate.metrics.requests.labels(outcome="accepted", reason="ok").inc()
-        return JSONResponse(
-            {"update_id": accepted.update_id, "partition": accepted.partition, "offset": accepted.offset},
-            status_code=202,
-        )
+        gate.metrics.requests.labels(
+            outcome="accepted", reason="duplicate" if accepted.duplicate else "ok"
+        ).inc()
+        answer: dict[str, Any] = {
+            "update_id": accepted.update_id,
+            "partition": accepted.partition,
+            "offset": accepted.offset,
+        }
+        if accepted.duplicate:
+            answer["duplicate"] = True
+        return JSONResponse(answer, status_code=202)
 
     return router

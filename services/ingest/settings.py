@@ -24,3 +24,8 @@ class IngestSettings(BaseSettings):
     max_tracked_clients: int = Field(default=100_000, ge=1, description="quota buckets kept (LRU)")
     produce_timeout_s: float = Field(default=15.0, gt=0, description="Kafka acknowledgement wait -> 503")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 (Kafka unavailable)")
+    dedupe_ttl_s: int = Field(
+        default=6 * 3600,
+        ge=60,
+        description="how long a stored message is remembered: a retry within it is answered, not produced",
+    )

@@ -113,6 +113,12 @@ def token_proof(fed: str, digest: str) -> str:
     return prefix(fed) + f"proof:{digest}"
 
 
+def ingested(fed: str, client_id: str, update_id: str, part: str) -> str:
+    """The ingest's record of one stored message (:mod:`services.ingest.idempotency`), expiring: ``part``
+    is ``u`` for a whole update or a chunk index (ids never contain ``/``)."""
+    return prefix(fed) + f"ingested:{client_id}/{update_id}/{part}"
+
+
 def user_adapter(fed: str, user: str) -> str:
     return prefix(fed) + f"user:{user}:adapter"
 

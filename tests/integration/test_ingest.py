@@ -16,6 +16,7 @@ from schemas.events import AdapterUpdate, AdapterUpdateChunk
 from schemas.frame import encode_frame
 from schemas.signing import generate_key
 from services.identity.registry import ClientRegistry
+from services.ingest.idempotency import UploadLedger
 from services.personalization.harness import Harness, serving
 from services.settings import PFISettings, ServeSettings
 from tests.support.federations import fed_name, read_events
@@ -185,6 +186,55 @@ async def test_whole_and_chunked_updates_are_produced_and_decode(world: World) -
     assert h.sample("pfi_ingest_messages_total", kind="chunk") == float(len(chunks))
 
 
+async def test_a_resent_message_is_answered_with_its_first_position_and_never_produced_again(
+    world: World, redis_client: Redis
+) -> None:
+    h, fed = world.h, world.fed
+    original = world.update("dev-a")
+    whole = encode_frame(original)
+    first = await post(h, fed, whole, world.token("dev-a"))
+    assert first.status_code == 202, first.text
+    assert "duplicate" not in first.json()
+    again = await post(h, fed, whole, world.token("dev-a"))
+    assert again.status_code == 202, again.text
+    assert again.json() == {**first.json(), "duplicate": True}
+
+    # A chunked upload resent whole after it was stored: every chunk is answered, none produced again.
+    big = world.update("dev-b", numel=200_000)
+    chunks = split_update(big, 128 * 1024, key=world.keys["dev-b"])
+    firsts = [(await post(h, fed, c, world.token("dev-b"))).json() for c in chunks]
+    for chunk, stored in zip(chunks, firsts, strict=True):
+        r = await post(h, fed, chunk, world.token("dev-b"))
+        assert r.status_code == 202, r.text
+        assert r.json() == {**stored, "duplicate": True}
+
+    # Another client's message under the same update id is its own message (ids are per client).
+    squatter = encode_frame(world.update("dev-b", update_id=original.data.update_id))
+    r = await post(h, fed, squatter, world.token("dev-b"))
+    assert r.status_code == 202, r.text
+    assert "duplicate" not in r.json()
+
+    events = await read_events(world.settings, world.settings.updates_topic, 3 + len(chunks), timeout=5.0)
+    assert len(events) == 2 + len(chunks)
+    assert h.sample("pfi_ingest_duplicates_total") == float(1 + len(chunks))
+    assert h.sample("pfi_ingest_requests_total", outcome="accepted", reason="duplicate") == float(
+        1 + len(chunks)
+    )
+
+    # The same message being stored by another request right now: 409, retry in a second; once that
+    # request gave up its claim (its produce failed), the retry is produced.
+    pending = encode_frame(world.update("dev-a", update_id="in-flight"))
+    ledger = UploadLedger(redis_client, ttl_s=60, pending_ttl_s=60)
+    claim = await ledger.claim(fed, "dev-a", "in-flight", None)
+    assert claim.state == "new"
+    r = await post(h, fed, pending, world.token("dev-a"))
+    assert (r.status_code, error_code(r), r.headers["Retry-After"]) == (409, "in_progress", "1")
+    await ledger.release(claim)
+    r = await post(h, fed, pending, world.token("dev-a"))
+    assert r.status_code == 202, r.text
+    assert "duplicate" not in r.json()
+
+
 async def test_per_client_byte_quota_answers_429_with_retry_after(
     pfi_settings: PFISettings, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +274,8 @@ async def test_kafka_unavailable_is_503_with_retry_after(
         r = await post(h, fed, frame, device_token(h, "dev-k", fed))
         assert (r.status_code, error_code(r)) == (503, "kafka_unavailable")
         assert r.headers["Retry-After"]
+        # The failed produce gave up its claim: the device's retry is produced, not refused as in progress.
+        assert not [k async for k in redis_client.scan_iter(match=f"pfi:{{{fed}}}:ingested:*")]
 
 
 async def test_per_client_in_flight_cap_answers_429(

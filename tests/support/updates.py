@@ -11,7 +11,13 @@ RAW = TensorEncoding(dtype="float32", quantization="none", compression="none")
 
 
 def signed_update(
-    federation: str, client_id: str, key: bytes | None, numel: int, *, seed: int = 0
+    federation: str,
+    client_id: str,
+    key: bytes | None,
+    numel: int,
+    *,
+    seed: int = 0,
+    update_id: str | None = None,
 ) -> Envelope[AdapterUpdate]:
     """An update of one random float32 tensor of ``numel`` values (uncompressed: its size is ~4 x numel),
     signed with ``key`` (unsigned when None)."""
@@ -26,4 +32,5 @@ def signed_update(
         delta=delta,
         key=key,
         encoding=RAW,
+        update_id=update_id,
     )

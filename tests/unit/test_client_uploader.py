@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,9 @@ class Service:
         )
 
 
-def sender(service: Service, tokens: list[str] | None = None) -> HttpUpdateSender:
+def sender(
+    service: Callable[[httpx.Request], httpx.Response], tokens: list[str] | None = None
+) -> HttpUpdateSender:
     issued = iter(tokens or ["t1", "t2", "t3"])
     current = {"token": next(issued)}
 
@@ -104,3 +107,19 @@ async def test_connection_errors_are_retryable(tmp_path: Path) -> None:
     assert (result.sent, result.remaining, result.rejected) == (0, 1, 0)
     assert result.error is not None
     assert "ConnectError" in result.error
+
+
+async def test_in_progress_is_retried_and_a_duplicate_answer_counts_as_stored(tmp_path: Path) -> None:
+    service = Service(409)  # the same message is being stored by another request
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put("u-1", "fed", [b"m"])
+    publisher = OutboxPublisher(outbox, sender(service), retry_initial_s=0.01)
+    first = await publisher.drain()
+    assert (first.sent, first.remaining, first.rejected) == (0, 1, 0)
+
+    def duplicate(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, json={"update_id": "u", "partition": 0, "offset": 3, "duplicate": True})
+
+    again = OutboxPublisher(outbox, sender(duplicate), retry_initial_s=0.01)
+    second = await again.drain(force=True)
+    assert (second.sent, second.remaining, second.rejected) == (1, 0, 0)

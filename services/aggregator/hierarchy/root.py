@@ -12,7 +12,9 @@ partial that brings a client already in the accumulation (one update per client 
 staleness discount is applied against the root's latest version at that moment
 (:func:`~.partial.aggregate_partials`); groups whose base version left the lineage are dropped and counted
 ``too_stale``. A partial that overlaps updates already accumulated or in ``seen`` is refused whole
-(counted ``duplicate``; a sum cannot be taken apart).
+(counted ``duplicate``; a sum cannot be taken apart): the ingest's idempotency
+(:mod:`services.ingest.idempotency`) keeps device retries from reaching a leaf twice, so only the residual
+cases it names can get here.
 
 **Exactly once, partials -> versions.** A version is committed by the single aggregator's Lua script with
 the partials topic's offsets (:mod:`.versions`): a crash anywhere replays the accumulation from Kafka;
