@@ -45,12 +45,17 @@ class PersonalizeConfig:
     validation_fraction: float = 0.1
     gates: tuple[float, ...] = DEFAULT_GATES
     eval_seq_len: int = 128
+    # The gate grid scores at most this many validation sequences per gate (1,024 tokens at 128): the
+    # device's cost stays bounded however long the user's history is.
+    max_validation_sequences: int = 8
     warm_start: bool = True  # continue from the device's personal adapter (False: a fresh one)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2 or self.eval_seq_len < 2:
             raise ConfigError("personalize: steps >= 0, batch_size >= 1, seq_len >= 2, eval_seq_len >= 2")
+        if self.max_validation_sequences < 1:
+            raise ConfigError("personalize: max_validation_sequences must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError("personalize: lr must be a finite number > 0")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -117,15 +122,19 @@ def gate_losses(
     *,
     seq_len: int,
     batch_size: int,
+    max_sequences: int | None = None,
 ) -> tuple[dict[float, float], int]:
-    """Validation NLL of ``global + g * personal`` for each gate, and the tokens scored."""
+    """Validation NLL of ``global + g * personal`` for each gate (on the first ``max_sequences`` packed
+    sequences of ``texts``; all when None), and the tokens scored."""
     out: dict[float, float] = {}
     tokens = 0
     for gate in sorted(set(gates)):
         adapters: dict[str, StateDict | None] = {SHARED: global_adapter}
         if gate > 0.0:
             adapters[PERSONAL] = gated(personal, gate)
-        result = trainer.evaluate(adapters, list(texts), seq_len=seq_len, batch_size=batch_size)
+        result = trainer.evaluate(
+            adapters, list(texts), seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences
+        )
         out[gate], tokens = result.mean_nll, result.tokens
     return out, tokens
 
@@ -169,6 +178,7 @@ def personalize(
             cfg.gates,
             seq_len=cfg.eval_seq_len,
             batch_size=cfg.batch_size,
+            max_sequences=cfg.max_validation_sequences,
         )
     except ConfigError:  # validation text too short to score
         return PersonalizeResult(

@@ -69,6 +69,8 @@ def recipe_dict(cfg: DemoConfig) -> dict[str, Any]:
         "seq_len": pcfg.seq_len,
         "validation_fraction": pcfg.validation_fraction,
         "gates": list(pcfg.gates),
+        "max_validation_sequences": pcfg.max_validation_sequences,
+        "eval_seq_len": pcfg.eval_seq_len,
         "warm_start": pcfg.warm_start,
         "shared": "frozen (the final global adapter)",
         "rank": cfg.rank,

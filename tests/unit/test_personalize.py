@@ -103,6 +103,7 @@ def test_gated_scales_only_b() -> None:
         {"lr": math.inf},
         {"validation_fraction": 0.0},
         {"validation_fraction": 1.0},
+        {"max_validation_sequences": 0},
     ],
 )
 def test_bad_config_is_refused(kwargs: dict[str, object]) -> None:
@@ -153,7 +154,14 @@ def test_personalize_fits_against_the_frozen_global_and_gates_on_validation(
     # the losses are those of global + gate * personal on the validation split
     _, validation = validation_split(data.train_text, cfg.validation_fraction)
     again, _ = gate_losses(
-        trainer, global_state, result.personal, [validation], (0.0, result.gate), seq_len=64, batch_size=4
+        trainer,
+        global_state,
+        result.personal,
+        [validation],
+        (0.0, result.gate),
+        seq_len=64,
+        batch_size=4,
+        max_sequences=cfg.max_validation_sequences,
     )
     assert again[0.0] == pytest.approx(result.val_nll[0.0], abs=1e-6)
     assert again[result.gate] == pytest.approx(result.val_nll[result.gate], abs=1e-6)
@@ -161,6 +169,18 @@ def test_personalize_fits_against_the_frozen_global_and_gates_on_validation(
     same = personalize(trainer, global_state, None, data, cfg)
     assert all(torch.equal(same.personal[k], result.personal[k]) for k in result.personal)
     assert same.gate == result.gate
+
+
+def test_the_gate_grid_scores_a_bounded_sample_of_a_long_validation_split(
+    setup: tuple[AdapterTrainer, StateDict],
+) -> None:
+    trainer, global_state = setup
+    data = _user("long", 2, paragraphs=600)
+    capped = PersonalizeConfig(steps=1, eval_seq_len=32, max_validation_sequences=3)
+    result = personalize(trainer, global_state, None, data, capped)
+    assert 0 < result.val_tokens <= 3 * 32
+    whole = PersonalizeConfig(steps=1, eval_seq_len=32, max_validation_sequences=10_000)
+    assert personalize(trainer, global_state, None, data, whole).val_tokens > 10 * result.val_tokens
 
 
 class _Source:

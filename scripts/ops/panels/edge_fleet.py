@@ -100,9 +100,14 @@ ITEMS: list[Item] = [
     Panel(
         "Ingest requests by outcome",
         "Device uploads per second: accepted (produced to Kafka), refused (4xx), throttled (429: per-client "
-        "quotas) and unavailable (503: Kafka or the client registry).",
+        "quotas; 409: the same message is being stored by another request) and unavailable (503: Kafka or "
+        "the client registry). Retries of a message already stored are accepted without a second copy "
+        "(the dashed line); a high share means devices lose acknowledgements.",
         "reqps",
-        [Q(f"sum by (outcome) (rate(pfi_ingest_requests_total{{{NS}}}[{RI}]))", "{{outcome}}")],
+        [
+            Q(f"sum by (outcome) (rate(pfi_ingest_requests_total{{{NS}}}[{RI}]))", "{{outcome}}"),
+            Q(f"sum(rate(pfi_ingest_duplicates_total{{{NS}}}[{RI}]))", "retries answered (not stored again)"),
+        ],
         stack=True,
         width=8,
     ),

@@ -231,6 +231,31 @@ ITEMS: list[Item] = [
         ],
         width=12,
     ),
+    Row("OpenAI-compatible API (/v1/completions, /v1/chat/completions)"),
+    Panel(
+        "Streams by outcome",
+        "Streamed completions per second: completed, cancelled (the client went away: generation "
+        "stops), error, timeout. Requests and errors of these routes are in the per-route panels above.",
+        "reqps",
+        [Q(f"sum by (outcome) (rate(pfi_serve_openai_streams_total{{{NS}}}[{RI}]))", "{{outcome}}")],
+        stack=True,
+        width=8,
+    ),
+    Panel(
+        "Time to first token (p50 / p99)",
+        "Streamed completions: request start to the first token leaving the model thread (queue wait "
+        "+ prompt).",
+        "s",
+        quantiles("pfi_serve_openai_time_to_first_token_seconds", NS, "", (0.5, 0.99)),
+        width=8,
+    ),
+    Panel(
+        "Streamed tokens",
+        "Tokens per second generated for streamed completions, counted on the model thread.",
+        "none",
+        [Q(f"sum(rate(pfi_serve_openai_stream_tokens_total{{{NS}}}[{RI}]))", "tokens/s")],
+        width=8,
+    ),
     Row("Global adapter"),
     Panel(
         "Global version served",
