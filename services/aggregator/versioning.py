@@ -119,6 +119,8 @@ class VersionWriter:
             meta=meta,
             offsets=offsets,
             seen_members=tuple(seen_member(item.client_id, item.update_id) for item, _ in taken),
+            seen_bases=tuple(info.base_version for _, info in taken),
+            max_staleness=agg.max_staleness,
             stat_increments=dict(stats),
             optimizer_blob=opt_blob,
             accountant_json=_accountant_json(accountant, epsilon),

@@ -100,9 +100,9 @@ def base_arch(model_id: str) -> BaseArch:
     if model_id == TINY_LLAMA:
         return _from_hf_config({**TINY_CONFIG, "model_type": "llama"}, model_id)
     if model_id.startswith("pypi:"):
-        from modeling.base import _gguf_from_pypi
+        from modeling.base import gguf_from_pypi
 
-        return _from_gguf(_gguf_from_pypi(model_id.removeprefix("pypi:")))
+        return _from_gguf(gguf_from_pypi(model_id.removeprefix("pypi:")))
     path = Path(model_id)
     if path.suffix == ".gguf" and path.is_file():
         return _from_gguf(path)

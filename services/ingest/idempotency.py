@@ -8,8 +8,9 @@ first copy* is not caught there, and the root must then refuse the whole partial
 be taken apart), losing the other updates folded with it. Deduplicating at the front door closes that
 path for every retry that goes through the ingest (the only producer of the updates topic).
 
-One Redis key per message, ``pfi:{fed}:ingested:<client>/<update id>/<part>`` (``part``: ``u`` for a whole
-update, the chunk index for a chunk; the client is the token's subject and the message's signer, so no
+One Redis key per message, ``pfi:{fed}:ingested:<client>/<update id>/<part>`` (:func:`message_part`: ``u``
+or the chunk index, and the first 16 hex digits of the payload's verified SHA-256, so only the same
+content under the same ids is a retry; the client is the token's subject and the message's signer, so no
 device can claim another's ids):
 
 * :meth:`UploadLedger.claim` sets it to ``pending:<nonce>`` (``SET NX``, expiring after ``pending_ttl_s``)
@@ -32,6 +33,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
+from schemas.events import AdapterUpdate, AdapterUpdateChunk
 from services.store import keys
 
 _CLAIM = """
@@ -46,7 +48,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-WHOLE = "u"
+
+def message_part(data: AdapterUpdate | AdapterUpdateChunk) -> str:
+    """The part of an update a message is, with its content: ``u.<digest>`` or ``<index>.<digest>``."""
+    if isinstance(data, AdapterUpdateChunk):
+        return f"{data.index}.{data.chunk_sha256[:16]}"
+    return f"u.{data.payload_sha256[:16]}"
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,9 @@ class UploadLedger:
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
 
-    async def claim(self, fed: str, client_id: str, update_id: str, part: int | None) -> Claim:
-        """Claim a message for producing (``part``: its chunk index, None for a whole update)."""
-        key = keys.ingested(fed, client_id, update_id, WHOLE if part is None else str(part))
+    async def claim(self, fed: str, client_id: str, update_id: str, part: str) -> Claim:
+        """Claim a message for producing (``part``: :func:`message_part`)."""
+        key = keys.ingested(fed, client_id, update_id, part)
         token = "pending:" + secrets.token_hex(8)
         held = await self._claim(keys=[key], args=[token, self.pending_ttl_ms])
         if not held:

@@ -41,7 +41,7 @@ from schemas.errors import RejectedInput, SignatureError
 from schemas.events import AdapterUpdate, AdapterUpdateChunk, Envelope
 from schemas.frame import decode_frame
 from schemas.signing import KeyStore, verify_chunk, verify_update
-from services.ingest.idempotency import Claim, UploadLedger
+from services.ingest.idempotency import Claim, UploadLedger, message_part
 from services.ingest.metrics import IngestMetrics
 from services.ingest.producer import Produced, UpdateProducer
 from services.ingest.quota import Quotas
@@ -244,12 +244,7 @@ class IngestGate:
             data = envelope.data
             try:
                 kafka_key = await self.topologies.key(self.service.redis, fed, client_id)
-                claim = await self.ledger.claim(
-                    fed,
-                    client_id,
-                    data.update_id,
-                    data.index if isinstance(data, AdapterUpdateChunk) else None,
-                )
+                claim = await self.ledger.claim(fed, client_id, data.update_id, message_part(data))
             except RedisError:
                 raise _refuse(503, "registry_unavailable", "the federation registry is unavailable") from None
             if claim.state == "done":

@@ -52,8 +52,21 @@ def offsets(fed: str) -> str:
 
 
 def seen(fed: str) -> str:
-    """Set of :func:`seen_member` of every aggregated update (dedupe per client and update id)."""
+    """Set of :func:`seen_member` of the updates aggregated by releases before the seen window (read only,
+    never pruned: delete it once ``max_staleness`` versions were made after an upgrade)."""
     return prefix(fed) + "seen"
+
+
+def seen_window(fed: str) -> str:
+    """Sorted set :func:`seen_member` -> lineage depth of the update's base version: the aggregated updates
+    that could still be accepted (dedupe per client and update id). The version commit drops members too
+    stale for every retained version (``lua/commit_version.lua``)."""
+    return prefix(fed) + "seen-window"
+
+
+def depths(fed: str) -> str:
+    """Hash version -> lineage depth (v0: 0; a version: its parent's + 1), one small field per version."""
+    return prefix(fed) + "depths"
 
 
 def seen_member(client_id: str, update_id: str) -> str:
@@ -115,7 +128,7 @@ def token_proof(fed: str, digest: str) -> str:
 
 def ingested(fed: str, client_id: str, update_id: str, part: str) -> str:
     """The ingest's record of one stored message (:mod:`services.ingest.idempotency`), expiring: ``part``
-    is ``u`` for a whole update or a chunk index (ids never contain ``/``)."""
+    is ``u`` or a chunk index, with a payload digest (ids never contain ``/``)."""
     return prefix(fed) + f"ingested:{client_id}/{update_id}/{part}"
 
 

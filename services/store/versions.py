@@ -86,6 +86,8 @@ class VersionCommit:
     meta: VersionMeta
     offsets: Mapping[str, int] = field(default_factory=dict)
     seen_members: tuple[str, ...] = ()  # keys.seen_member(client_id, update_id) of the aggregated updates
+    seen_bases: tuple[int, ...] = ()  # each member's base version (its seen-window score); () = unknown
+    max_staleness: int | None = None  # the spec's: prunes the seen window (None: keep every member)
     stat_increments: Mapping[str, int] = field(default_factory=dict)
     optimizer_blob: bytes = b""
     accountant_json: str = ""
@@ -149,6 +151,7 @@ class VersionStore:
                     keys.meta(fed, 0),
                     keys.retained(fed),
                     keys.events(fed),
+                    keys.depths(fed),
                 ],
                 args=[spec.model_dump_json(), blob, meta.model_dump_json(), event_json],
             )
@@ -218,9 +221,14 @@ class VersionStore:
         ]
         for name, value in c.offsets.items():
             argv += [name, str(value)]
-        argv += [str(len(c.seen_members)), *c.seen_members, str(len(c.stat_increments))]
+        bases = c.seen_bases if len(c.seen_bases) == len(c.seen_members) else (-1,) * len(c.seen_members)
+        argv.append(str(len(c.seen_members)))
+        for member, base in zip(c.seen_members, bases, strict=True):
+            argv += [member, str(base)]
+        argv.append(str(len(c.stat_increments)))
         for name, inc in c.stat_increments.items():
             argv += [name, str(inc)]
+        argv.append("" if c.max_staleness is None else str(c.max_staleness))
         script_keys = [
             keys.latest(fed),
             keys.head(fed),
@@ -234,6 +242,8 @@ class VersionStore:
             keys.accountant(fed),
             keys.events(fed),
             keys.pinned(fed),
+            keys.seen_window(fed),
+            keys.depths(fed),
         ]
         if self.wait_replicas <= 0:
             try:
@@ -306,17 +316,27 @@ class VersionStore:
         return {_text(k): int(v) for k, v in raw.items()}
 
     async def is_seen(self, fed: str, client_id: str, update_id: str) -> bool:
-        """Whether ``client_id``'s update ``update_id`` is in a committed version of ``fed``."""
-        return bool(await self.redis.sismember(keys.seen(fed), keys.seen_member(client_id, update_id)))
+        """Whether ``client_id``'s update ``update_id`` is in a committed version of ``fed`` (and could
+        still be accepted: the seen window forgets updates too stale for any version that may become the
+        latest; see ``commit_version.lua``)."""
+        return (await self.are_seen([(fed, client_id, update_id)]))[0]
 
     async def are_seen(self, triples: Sequence[tuple[str, str, str]]) -> list[bool]:
-        """``is_seen`` of many (federation, client id, update id) in one round trip (a pipeline, no MULTI)."""
+        """``is_seen`` of many (federation, client id, update id) in one round trip (a pipeline, no MULTI):
+        the seen window, and the set of releases before it (read only)."""
         if not triples:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for fed, client_id, update_id in triples:
-            pipe.sismember(keys.seen(fed), keys.seen_member(client_id, update_id))
-        return [bool(answer) for answer in await pipe.execute()]
+            member = keys.seen_member(client_id, update_id)
+            pipe.zscore(keys.seen_window(fed), member)
+            pipe.sismember(keys.seen(fed), member)
+        answers = await pipe.execute()
+        return [answers[i] is not None or bool(answers[i + 1]) for i in range(0, len(answers), 2)]
+
+    async def seen_window_size(self, fed: str) -> int:
+        """Members in ``fed``'s seen window (``pfi_aggregator_seen_window`` and ``pfi federation status``)."""
+        return int(await self.redis.zcard(keys.seen_window(fed)))
 
     async def get_stats(self, fed: str) -> dict[str, int]:
         raw = await self.redis.hgetall(keys.stats(fed))

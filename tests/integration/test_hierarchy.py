@@ -140,7 +140,7 @@ async def test_kill9_of_a_leaf_and_the_root_loses_and_double_counts_nothing(
     async with aggregator_fleet(settings, tmp_path / "logs") as fleet, UpdateProducer(settings) as producer:
         run = await kill_leaves_and_roots(settings, store, fleet, producer, clients, shapes, kills=2, seed=7)
     drained, audit, levels, sender = run.drained, run.audit, run.levels, run.sender
-    assert drained
+    assert drained, {"levels": levels, "problems": audit.problems, "timeline": run.timeline}
     assert audit.problems == [], audit.problems
     for level, counts in levels.items():  # each update in exactly one partial, each of those in one version
         assert counts["lost"] == counts["double"] == counts["unknown"] == 0, (level, counts)

@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 
 from schemas.chunking import split_update
 from schemas.events import AdapterUpdate, AdapterUpdateChunk
-from schemas.frame import encode_frame
+from schemas.frame import decode_frame, encode_frame
 from schemas.signing import generate_key
 from services.identity.registry import ClientRegistry
-from services.ingest.idempotency import UploadLedger
+from services.ingest.idempotency import UploadLedger, message_part
 from services.personalization.harness import Harness, serving
 from services.settings import PFISettings, ServeSettings
 from tests.support.federations import fed_name, read_events
@@ -208,14 +208,20 @@ async def test_a_resent_message_is_answered_with_its_first_position_and_never_pr
         assert r.status_code == 202, r.text
         assert r.json() == {**stored, "duplicate": True}
 
+    # The same ids with other content is not a retry: produced (the aggregators refuse the duplicate id).
+    other = encode_frame(world.update("dev-a", update_id=original.data.update_id, seed=5))
+    r = await post(h, fed, other, world.token("dev-a"))
+    assert r.status_code == 202, r.text
+    assert "duplicate" not in r.json()
+
     # Another client's message under the same update id is its own message (ids are per client).
     squatter = encode_frame(world.update("dev-b", update_id=original.data.update_id))
     r = await post(h, fed, squatter, world.token("dev-b"))
     assert r.status_code == 202, r.text
     assert "duplicate" not in r.json()
 
-    events = await read_events(world.settings, world.settings.updates_topic, 3 + len(chunks), timeout=5.0)
-    assert len(events) == 2 + len(chunks)
+    events = await read_events(world.settings, world.settings.updates_topic, 4 + len(chunks), timeout=5.0)
+    assert len(events) == 3 + len(chunks)
     assert h.sample("pfi_ingest_duplicates_total") == float(1 + len(chunks))
     assert h.sample("pfi_ingest_requests_total", outcome="accepted", reason="duplicate") == float(
         1 + len(chunks)
@@ -225,7 +231,7 @@ async def test_a_resent_message_is_answered_with_its_first_position_and_never_pr
     # request gave up its claim (its produce failed), the retry is produced.
     pending = encode_frame(world.update("dev-a", update_id="in-flight"))
     ledger = UploadLedger(redis_client, ttl_s=60, pending_ttl_s=60)
-    claim = await ledger.claim(fed, "dev-a", "in-flight", None)
+    claim = await ledger.claim(fed, "dev-a", "in-flight", message_part(decode_frame(pending, max_frame_bytes=len(pending)).data))
     assert claim.state == "new"
     r = await post(h, fed, pending, world.token("dev-a"))
     assert (r.status_code, error_code(r), r.headers["Retry-After"]) == (409, "in_progress", "1")

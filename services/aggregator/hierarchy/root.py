@@ -242,15 +242,24 @@ class Root:
             self.metrics.partials_refused.labels(name, "malformed").inc()
             log.warning("root refused a partial of %s at %s:%s: %s", name, partition, record.offset, err)
             return
-        members = {(c.client_id, c.update_id) for c in partial.contributions}
+        members = sorted({(c.client_id, c.update_id) for c in partial.contributions})
         seen = await self.store.are_seen([(name, c, u) for c, u in members])
-        if members & state.acc.members() or any(seen):
+        pending = state.acc.members()
+        repeated = [(m, "in a version" if s else "accumulated") for m, s in zip(members, seen, strict=True)
+                    if s or m in pending]  # fmt: skip
+        if repeated:
             self.metrics.partials_refused.labels(name, "duplicate").inc()
             state.stats["rejected:partial_duplicate"] = (
                 state.stats.get("rejected:partial_duplicate", 0) + partial.count
             )
             log.warning(
-                "root refused partial %s of %s: it repeats aggregated updates", partial.partial_id, name
+                "root refused partial %s of %s at %s:%s (%d update(s)): it repeats aggregated updates %s",
+                partial.partial_id,
+                name,
+                partition,
+                record.offset,
+                partial.count,
+                repeated[:5],
             )
             return
         limit = state.runtime.spec.aggregation.max_client_updates

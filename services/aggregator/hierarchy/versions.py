@@ -107,6 +107,8 @@ def build_commit(
         meta=meta,
         offsets=dict(offsets),
         seen_members=tuple(seen_member(c.client_id, c.update_id) for c in acc.contributions),
+        seen_bases=tuple(c.base_version for c in acc.contributions),
+        max_staleness=agg.max_staleness,
         stat_increments=counts,
         optimizer_blob=opt_blob,
         accountant_json=json.dumps(accountant.to_dict()) if epsilon is not None else "",
