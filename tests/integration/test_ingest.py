@@ -231,7 +231,8 @@ async def test_a_resent_message_is_answered_with_its_first_position_and_never_pr
     # request gave up its claim (its produce failed), the retry is produced.
     pending = encode_frame(world.update("dev-a", update_id="in-flight"))
     ledger = UploadLedger(redis_client, ttl_s=60, pending_ttl_s=60)
-    claim = await ledger.claim(fed, "dev-a", "in-flight", message_part(decode_frame(pending, max_frame_bytes=len(pending)).data))
+    part = message_part(decode_frame(pending, max_frame_bytes=len(pending)).data)
+    claim = await ledger.claim(fed, "dev-a", "in-flight", part)
     assert claim.state == "new"
     r = await post(h, fed, pending, world.token("dev-a"))
     assert (r.status_code, error_code(r), r.headers["Retry-After"]) == (409, "in_progress", "1")
