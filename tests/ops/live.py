@@ -158,6 +158,9 @@ class LiveServices:
                 )
                 body = {"prompt": "ROMEO: ", "max_new_tokens": 4}
                 await self._ok(h.client.post(f"{path}/generate", json=body, headers=headers))
+                # A streamed completion through the OpenAI-compatible route (its stream metrics).
+                stream = {"model": name, "prompt": "ROMEO: ", "max_tokens": 4, "stream": True}
+                await self._ok(h.client.post("/v1/completions", json=stream, headers=headers))
                 await h.client.get(f"{path}")  # 401: no token
                 await h.client.post(f"{path}/updates", content=b"x", headers=headers)  # 403 not_a_device
                 await self._unusable_adapter(h, name)
