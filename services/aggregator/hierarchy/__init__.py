@@ -5,7 +5,8 @@
 * :mod:`.leaf`: ``pfi aggregator --role leaf``: validate, bound and fold a partition set's updates into
   partials, emitted with the consumed offsets in one Kafka transaction;
 * :mod:`.root`: ``pfi aggregator --role root``: fold partials into versions, committed with the partials
-  topic's offsets in one Redis script (the single aggregator's commit).
+  topic's offsets in one Redis script (the single aggregator's commit);
+* :mod:`.poll_loop`: the poll/recover/back-off loop both roles run.
 
 Why the result equals single-aggregator FedBuff, and why it is exactly once: see each module.
 """

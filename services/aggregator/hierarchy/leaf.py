@@ -49,6 +49,7 @@ from services.aggregator.hierarchy.codec import encode_partial
 from services.aggregator.hierarchy.leaf_intake import LeafIntake
 from services.aggregator.hierarchy.partial import Partial
 from services.aggregator.hierarchy.partitions import TRANSACTION_TIMEOUT_MS, open_partition
+from services.aggregator.hierarchy.poll_loop import poll_until_stopped
 
 log = logging.getLogger("pfi.aggregator.leaf")
 
@@ -111,20 +112,10 @@ class Leaf(LeafIntake):
 
     async def run(self) -> None:
         await self.start()
-        failures = 0
         try:
-            while not self.stopping.is_set():
-                try:
-                    await self.poll_once()
-                    failures = 0
-                except Exception:
-                    failures += 1
-                    self.metrics.failures.inc()
-                    log.exception(
-                        "leaf poll cycle failed (%d in a row): replaying from the commits", failures
-                    )
-                    await self.resync()
-                    await asyncio.sleep(min(0.5 * 2 ** min(failures, 6), 30.0))
+            await poll_until_stopped(
+                "leaf", self.stopping, self.poll_once, self.resync, self.metrics.failures, log
+            )
         finally:
             await self.shutdown()
 

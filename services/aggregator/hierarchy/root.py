@@ -36,13 +36,13 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from services.aggregator.connections import group_consumer, outbound_producer
 from services.aggregator.core import cpu_pool
 from services.aggregator.hierarchy.codec import PartialRejected, decode_partial
 from services.aggregator.hierarchy.metrics import HierarchyMetrics
 from services.aggregator.hierarchy.partial import Accumulation, Partial, stale_bases
+from services.aggregator.hierarchy.poll_loop import poll_until_stopped
 from services.aggregator.hierarchy.versions import build_commit, fold_and_encode, own_field, safe_field
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import FederationRuntime
@@ -147,6 +147,13 @@ class Root:
         self.forget(why)
         await self.seek(list(self.consumer.assignment()))
 
+    async def recover(self) -> None:
+        """After a failed poll cycle: replay from the stored offsets (a failure: retried next cycle)."""
+        try:
+            await self.resync("poll failure")
+        except Exception as err:
+            log.warning("root resync failed: %s", err)
+
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         await self.health.start()
@@ -159,21 +166,10 @@ class Root:
 
     async def run(self) -> None:
         await self.start()
-        failures = 0
         try:
-            while not self.stopping.is_set():
-                try:
-                    await self.poll_once()
-                    failures = 0
-                except Exception as err:
-                    failures += 1
-                    self.metrics.failures.inc()
-                    log.exception("root poll cycle failed (%d in a row): replaying", failures, exc_info=err)
-                    await asyncio.sleep(min(0.5 * 2 ** min(failures, 6), 30.0))
-                    try:
-                        await self.resync("poll failure")
-                    except (RedisError, Exception) as again:
-                        log.warning("root resync failed: %s", again)
+            await poll_until_stopped(
+                "root", self.stopping, self.poll_once, self.recover, self.metrics.failures, log
+            )
         finally:
             try:
                 async with asyncio.timeout(self.agg.shutdown_timeout_s):
