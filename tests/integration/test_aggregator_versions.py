@@ -163,7 +163,7 @@ async def assert_counts(store: VersionStore, name: str, sent: int) -> dict[str, 
     ids = [u for v in status["versions"] for u in v["update_ids"]]
     assert sum(per_version) == status["updates_accepted_total"] == status["updates_aggregated_total"] == sent
     assert len(ids) == len(set(ids)) == sent
-    assert status["updates_rejected_total"]["total"] == 0
+    assert status["updates_rejected_total"]["total"] == 0, status["updates_rejected_total"]
     return status
 
 
