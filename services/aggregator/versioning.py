@@ -18,6 +18,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,7 +84,7 @@ class VersionWriter:
         generator = torch.Generator().manual_seed(secrets.randbits(62))
         items = [item for item, _ in taken]
         try:
-            result, blob, opt_blob = await self.run_cpu(
+            result, encoded = await self.run_cpu(
                 fold_and_encode, runtime.global_state, items, agg, runtime.opt_state, generator
             )
         except DATA_ERRORS as err:
@@ -103,7 +104,7 @@ class VersionWriter:
         accountant, epsilon = account(runtime.accountant, agg)  # the DP wrapper's privacy spent
         version = runtime.head + 1
         meta, event = version_records(
-            runtime, version, blob, _contributions(taken, result), result.noise_std, epsilon, started
+            runtime, version, encoded, _contributions(taken, result), result.noise_std, epsilon, started
         )
         envelope = self.publisher.version_envelope(event)
         offsets = runtime.durable_offsets(processed, self.topic)
@@ -115,14 +116,14 @@ class VersionWriter:
             expected_latest=runtime.latest,
             expected_head=runtime.head,
             version=version,
-            blob=blob,
+            blob=encoded.blob,
             meta=meta,
             offsets=offsets,
             seen_members=tuple(seen_member(item.client_id, item.update_id) for item, _ in taken),
             seen_bases=tuple(info.base_version for _, info in taken),
             max_staleness=agg.max_staleness,
             stat_increments=dict(stats),
-            optimizer_blob=opt_blob,
+            optimizer_blob=encoded.opt_blob,
             accountant_json=_accountant_json(accountant, epsilon),
             keep_versions=agg.keep_versions,
             event_json=envelope.model_dump_json(),
@@ -159,7 +160,7 @@ class VersionWriter:
 def version_records(
     runtime: FederationRuntime,
     version: int,
-    blob: bytes,
+    encoded: EncodedVersion,
     updates: tuple[UpdateContribution, ...],
     noise_std: float,
     epsilon: float | None,
@@ -174,8 +175,8 @@ def version_records(
         parent=runtime.latest,
         kind="aggregate",
         created_at=utcnow(),
-        digest=sha256_hex(blob),
-        size_bytes=len(blob),
+        digest=encoded.digest,
+        size_bytes=len(encoded.blob),
         spec_fingerprint=runtime.fingerprint,
         updates=updates,
         lora_mode=agg.lora_mode,
@@ -192,10 +193,32 @@ def version_records(
         parent=runtime.latest,
         digest=meta.digest,
         num_updates=len(updates),
-        size_bytes=len(blob),
+        size_bytes=len(encoded.blob),
         created_at=meta.created_at,
     )
     return meta, event
+
+
+@dataclass(frozen=True)
+class EncodedVersion:
+    """A folded version's bytes, made in a worker thread: the blob, the optimizer state's blob and the
+    blob's digest (hashing a SmolLM2-sized blob on the event loop would stall the consumer's fetches)."""
+
+    blob: bytes
+    opt_blob: bytes
+    digest: str
+
+
+def encode_version(result: AggregationResult) -> EncodedVersion:
+    """The blobs and digest of a fold's result (worker thread; single aggregator and hierarchy root)."""
+    blob = encode_tensors(result.new_global, BLOB_ENCODING)
+    opt_blob = b""
+    if result.opt_state.kind != "none":
+        # BLOB_ENCODING stores float32 only: the int64 step and uint8 kind tensors are cast
+        # (exactly: small integers) and ServerOptState.from_tensors reads them back from float32.
+        opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
+        opt_blob = encode_tensors(opt_tensors, BLOB_ENCODING)
+    return EncodedVersion(blob, opt_blob, sha256_hex(blob))
 
 
 def fold_and_encode(
@@ -204,17 +227,10 @@ def fold_and_encode(
     agg: AggregationSpec,
     opt_state: ServerOptState,
     generator: torch.Generator,
-) -> tuple[AggregationResult, bytes, bytes]:
-    """The fold and the blobs of its result, in one worker-thread call: (result, blob, optimizer blob)."""
+) -> tuple[AggregationResult, EncodedVersion]:
+    """The fold and the bytes of its result, in one worker-thread call."""
     result = aggregate(global_state, items, agg, opt_state, generator=generator)
-    blob = encode_tensors(result.new_global, BLOB_ENCODING)
-    opt_blob = b""
-    if result.opt_state.kind != "none":
-        # BLOB_ENCODING stores float32 only: the int64 step and uint8 kind tensors are cast
-        # (exactly: small integers) and ServerOptState.from_tensors reads them back from float32.
-        opt_tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
-        opt_blob = encode_tensors(opt_tensors, BLOB_ENCODING)
-    return result, blob, opt_blob
+    return result, encode_version(result)
 
 
 def isolate_poisoned(

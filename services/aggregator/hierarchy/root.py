@@ -319,7 +319,7 @@ class Root:
             await self.store.commit_progress(name, runtime.latest, offsets, stats)
             self._advance(state, offsets)
             return
-        result, blob, opt_blob = await self.run_cpu(
+        result, encoded = await self.run_cpu(
             fold_and_encode,
             runtime.global_state,
             state.acc,
@@ -328,7 +328,7 @@ class Root:
             runtime.opt_state,
         )
         commit, accountant, envelope = build_commit(
-            runtime, state.acc, result, blob, opt_blob, offsets, self.publisher, stats, started
+            runtime, state.acc, result, encoded, offsets, self.publisher, stats, started
         )
         replicated = True
         try:

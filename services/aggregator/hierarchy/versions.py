@@ -20,9 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from modeling.blobs import BLOB_ENCODING
 from modeling.lora import StateDict
-from schemas.codec import encode_tensors
 from schemas.events import AggregationSpec
 from schemas.records import UpdateContribution
 from services.aggregator.hierarchy.partial import Accumulation, aggregate_partials
@@ -31,7 +29,7 @@ from services.aggregator.math.server_optimizer import ServerOptState
 from services.aggregator.math.strategies.gaussian_dp import account
 from services.aggregator.publisher import Publisher
 from services.aggregator.runtime import FederationRuntime
-from services.aggregator.versioning import version_records
+from services.aggregator.versioning import EncodedVersion, encode_version, version_records
 from services.store.keys import seen_member
 from services.store.versions import VersionCommit
 
@@ -50,24 +48,18 @@ def fold_and_encode(
     spec: AggregationSpec,
     lineage: Mapping[int, int],
     opt_state: ServerOptState,
-) -> tuple[AggregationResult, bytes, bytes]:
-    """The version and its blobs (worker thread)."""
+) -> tuple[AggregationResult, EncodedVersion]:
+    """The version and its bytes (worker thread)."""
     generator = torch.Generator().manual_seed(secrets.randbits(62))
     result = aggregate_partials(global_state, acc, spec, lineage, opt_state, generator=generator)
-    blob = encode_tensors(result.new_global, BLOB_ENCODING)
-    opt_blob = b""
-    if result.opt_state.kind != "none":
-        tensors = {k: v.to(torch.float32) for k, v in result.opt_state.to_tensors().items()}
-        opt_blob = encode_tensors(tensors, BLOB_ENCODING)
-    return result, blob, opt_blob
+    return result, encode_version(result)
 
 
 def build_commit(
     runtime: FederationRuntime,
     acc: Accumulation,
     result: AggregationResult,
-    blob: bytes,
-    opt_blob: bytes,
+    encoded: EncodedVersion,
     offsets: Mapping[str, int],
     publisher: Publisher,
     stats: Mapping[str, int],
@@ -92,7 +84,7 @@ def build_commit(
         )
         for c in acc.contributions
     )
-    meta, event = version_records(runtime, version, blob, updates, result.noise_std, epsilon, started)
+    meta, event = version_records(runtime, version, encoded, updates, result.noise_std, epsilon, started)
     envelope = publisher.version_envelope(event)
     counts = dict(stats)
     counts["accepted_total"] = counts.get("accepted_total", 0) + acc.count
@@ -103,14 +95,14 @@ def build_commit(
         expected_latest=runtime.latest,
         expected_head=runtime.head,
         version=version,
-        blob=blob,
+        blob=encoded.blob,
         meta=meta,
         offsets=dict(offsets),
         seen_members=tuple(seen_member(c.client_id, c.update_id) for c in acc.contributions),
         seen_bases=tuple(c.base_version for c in acc.contributions),
         max_staleness=agg.max_staleness,
         stat_increments=counts,
-        optimizer_blob=opt_blob,
+        optimizer_blob=encoded.opt_blob,
         accountant_json=json.dumps(accountant.to_dict()) if epsilon is not None else "",
         keep_versions=agg.keep_versions,
         event_json=envelope.model_dump_json(),
