@@ -335,7 +335,7 @@ class VersionStore:
         return [answers[i] is not None or bool(answers[i + 1]) for i in range(0, len(answers), 2)]
 
     async def seen_window_size(self, fed: str) -> int:
-        """Members in ``fed``'s seen window (``pfi_aggregator_seen_window`` and ``pfi federation status``)."""
+        """Members in ``fed``'s seen window: how many aggregated updates the dedupe still remembers."""
         return int(await self.redis.zcard(keys.seen_window(fed)))
 
     async def get_stats(self, fed: str) -> dict[str, int]:
